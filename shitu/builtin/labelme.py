@@ -1,0 +1,169 @@
+"""Built-in plugin: LabelMe image-level annotations → ShiTuRecDataset (PaddleX's only convertible type).
+
+Layout: ``label.txt`` (line i names class i), ``annotations/*.json`` (LabelMe files whose ``flags`` mark
+the classes of the image), ``images/``. Rules as PaddleX: every flag set to true adds the line
+``<image> <class id>``; the lines go 50/30/20 to train/gallery/query in order, unshuffled. Beyond PaddleX:
+annotations are read in sorted order (PaddleX uses the directory order, which differs between machines),
+``imagePath`` may be any path relative to the JSON file (or just a file name under ``images/``), and
+split options, when given, replace the fixed 50/30/20.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+
+from shitu import hookimpl
+from shitu.errors import ShituError
+from shitu.formats import ConversionPlan, DatasetFormat, Issue, Sample, SplitOptions
+
+
+def _read_labels(root: Path) -> tuple[dict[str, int], list[Issue]]:
+    file = root / "label.txt"
+    issues: list[Issue] = []
+    labels: dict[str, int] = {}
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return {}, [Issue("error", str(file), "label.txt is missing (line i must name class i)", code="missing")]
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, [Issue("error", str(file), f"cannot read: {exc}", code="unreadable")]
+    lines = text.split("\n")
+    if lines and lines[-1].strip() == "":
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        name = line.strip()
+        if not name:
+            issues.append(Issue("error", str(file), "blank line (every line names one class)", number, "blank-line"))
+        elif name in labels:
+            issues.append(
+                Issue(
+                    "error",
+                    str(file),
+                    f"class {name!r} is already on line {labels[name] + 1}",
+                    number,
+                    "duplicate-label",
+                )
+            )
+        else:
+            labels[name] = number - 1
+    if not labels and not issues:
+        issues.append(Issue("error", str(file), "label.txt names no class", code="empty"))
+    return labels, issues
+
+
+def _image_for(root: Path, annotation: Path, image_path: str) -> Path | None:
+    """Find the annotated image: relative to the JSON file first, then by file name under images/."""
+    normalised = image_path.strip().replace("\\", "/")
+    real_root = root.resolve()
+    candidates = []
+    if normalised and not PurePosixPath(normalised).is_absolute():
+        candidates.append(annotation.parent / normalised)
+    if normalised:
+        candidates.append(root / "images" / PurePosixPath(normalised).name)
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        if resolved.is_file() and resolved.is_relative_to(real_root):
+            return resolved
+    return None
+
+
+class LabelMe(DatasetFormat):
+    name = "LabelMe"
+    description = "label.txt + annotations/*.json (LabelMe, classes as image flags) + images/"
+    converts = True
+
+    def _scan(self, root: Path) -> tuple[list[Sample], list[str], list[Issue]]:
+        labels, issues = _read_labels(root)
+        annotations_dir = root / "annotations"
+        if not annotations_dir.is_dir():
+            issues.append(Issue("error", str(annotations_dir), "annotations/ folder is missing", code="missing"))
+            return [], [], issues
+        samples: list[Sample] = []
+        notes: list[str] = []
+        real_root = root.resolve()
+        for annotation in sorted(annotations_dir.glob("*.json")):
+            shown = str(annotation)
+            try:
+                document = json.loads(annotation.read_text(encoding="utf-8-sig"))
+            except json.JSONDecodeError as exc:
+                issues.append(Issue("error", shown, f"invalid JSON: {exc.msg}", exc.lineno, "invalid-json"))
+                continue
+            except (OSError, UnicodeDecodeError) as exc:
+                issues.append(Issue("error", shown, f"cannot read: {exc}", code="unreadable"))
+                continue
+            if not isinstance(document, dict):
+                issues.append(Issue("error", shown, "not a LabelMe annotation (top level is not an object)"))
+                continue
+            image_path = document.get("imagePath")
+            flags = document.get("flags") or {}
+            if not isinstance(image_path, str) or not image_path.strip():
+                issues.append(Issue("error", shown, "imagePath is missing or not a string", code="no-image"))
+                continue
+            if not isinstance(flags, dict):
+                issues.append(Issue("error", shown, "flags is not an object of class name → true/false"))
+                continue
+            image = _image_for(root, annotation, image_path)
+            if image is None:
+                issues.append(
+                    Issue(
+                        "error",
+                        shown,
+                        f"image {image_path!r} not found (looked beside the JSON file and in images/)",
+                        code="missing-image",
+                    )
+                )
+                continue
+            chosen = [flag for flag, value in flags.items() if value is True]
+            if not chosen:
+                notes.append(f"{shown}: no flag set, image skipped")
+                continue
+            relative = image.relative_to(real_root).as_posix()
+            for flag in chosen:
+                if flag not in labels:
+                    if labels:
+                        issues.append(
+                            Issue(
+                                "error", shown, f"unknown label {flag!r}: it is not in label.txt", code="unknown-label"
+                            )
+                        )
+                    continue
+                samples.append(Sample(relative, labels[flag]))
+        if not samples and not any(i.severity == "error" for i in issues):
+            issues.append(Issue("error", str(annotations_dir), "no annotation marks any image with a class"))
+        return samples, notes, issues
+
+    def validate(self, root: Path) -> list[Issue]:
+        return self._scan(root)[2]
+
+    def convert(self, root: Path, options: SplitOptions | None) -> ConversionPlan:
+        samples, notes, issues = self._scan(root)
+        errors = [i for i in issues if i.severity == "error"]
+        if errors:
+            raise ShituError(errors[0].message, path=errors[0].file, line=errors[0].line)
+        labels, _ = _read_labels(root)
+        class_names = sorted(labels, key=labels.__getitem__)
+        if options is not None:
+            from shitu.data.split import split_samples
+
+            return ConversionPlan(split_samples(samples, options), class_names, notes)
+        n = len(samples)
+        n_train, n_gallery = round(n * 0.5), round(n * 0.3)
+        lists = {
+            "train": samples[:n_train],
+            "gallery": samples[n_train : n_train + n_gallery],
+            "query": samples[n_train + n_gallery :],
+        }
+        return ConversionPlan(lists, class_names, notes)
+
+
+@hookimpl
+def register_dataset_formats(register):
+    register(LabelMe())
+
+
+@hookimpl
+def detect_dataset_format(path: Path) -> str | None:
+    if (path / "annotations").is_dir() and (path / "label.txt").is_file():
+        return LabelMe.name
+    return None

@@ -1,0 +1,25 @@
+"""Options shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print machine-readable JSON on stdout (and nothing else there).")
+]
+OverrideOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "-o",
+        "--override",
+        metavar="SECTION.KEY=VALUE",
+        help="Override a config value, PaddleX style (repeatable), e.g. -o CheckDataset.sample_num=5.",
+    ),
+]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model whose config supplies the defaults.")]
+OutputDirOption = Annotated[
+    Path | None, typer.Option("--output", help="Folder for results (default: Global.output, 'output').")
+]

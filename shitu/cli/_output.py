@@ -1,0 +1,89 @@
+"""The one output sink of every command: human text on stderr (rich), JSON on stdout (``--json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def error_line(message: str) -> None:
+    """Write one error line to stderr, never wrapped (a pipe reader sees exactly one line)."""
+    sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+    if os.environ.get("SHITU_DEBUG") and sys.exc_info()[0] is not None:
+        traceback.print_exc(file=sys.stderr)
+    sys.stderr.flush()
+
+
+class Output:
+    """Decides, once, what goes where: in JSON mode stdout carries only JSON documents or lines."""
+
+    def __init__(self, json_mode: bool = False) -> None:
+        self.json_mode = json_mode
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    # -- human output (stderr) ----------------------------------------------------------------------
+    def info(self, message: str) -> None:
+        """A line for people; dropped in JSON mode so pipelines see only what they asked for."""
+        if not self.json_mode:
+            self.console.print(message)
+
+    def render(self, renderable: Any) -> None:
+        """A rich table or panel for people; dropped in JSON mode."""
+        if not self.json_mode:
+            self.console.print(renderable)
+
+    def warning(self, message: str) -> None:
+        """A warning, always shown on stderr."""
+        self.console.print(f"[yellow]warning:[/] {escape(message)}")
+
+    def problem(self, severity: str, message: str) -> None:
+        colour = "red" if severity == "error" else "yellow"
+        self.console.print(f"[{colour}]{severity}:[/] {escape(message)}")
+
+    # -- machine output (stdout) --------------------------------------------------------------------
+    def emit(self, document: Any) -> None:
+        """Print one JSON document (or one JSON line of a stream) on stdout, in JSON mode only."""
+        if self.json_mode:
+            sys.stdout.write(json.dumps(document, ensure_ascii=False, default=_json_default) + "\n")
+            sys.stdout.flush()
+
+    # -- progress -----------------------------------------------------------------------------------
+    @contextmanager
+    def progress(self) -> Iterator[Any]:
+        """A callback ``(stage, advance, total)`` that drives one rich progress bar per stage on stderr."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=not self.console.is_terminal,
+        )
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, advance: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], advance=advance, total=total)
+
+        with bars:
+            yield update

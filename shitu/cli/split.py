@@ -1,0 +1,45 @@
+"""``shitu split``: re-divide a ShiTuRecDataset into train / gallery / query."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shitu.cli._options import JsonOption
+from shitu.cli._output import Output
+
+
+def split(
+    dataset: Annotated[Path, typer.Argument(help="Dataset root (holds train.txt, gallery.txt, query.txt).")],
+    train: Annotated[int, typer.Option("--train", help="Percent of images (or classes, with --by class) for train.")],
+    gallery: Annotated[int, typer.Option("--gallery", help="Percent for the gallery.")],
+    query: Annotated[int, typer.Option("--query", help="Percent for queries.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same split.")] = 0,
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by",
+            help="'image': shuffle images (PaddleX, closed-set); 'class': whole classes "
+            "to train, the others' images to gallery/query (open-set).",
+        ),
+    ] = "image",
+    json: JsonOption = False,
+) -> int:
+    """Re-split all images of the three lists; the old lists are kept as .bak files."""
+    from shitu.data.split import split_dataset
+    from shitu.formats import SplitOptions
+
+    out = Output(json)
+    written = split_dataset(dataset, SplitOptions(train=train, gallery=gallery, query=query, seed=seed, by=by))  # type: ignore[arg-type]
+    out.emit(written.to_json())
+    counts = ", ".join(f"{k} {v}" for k, v in written.counts.items())
+    out.info(f"[green]Split[/] {written.root} by {by} (seed {seed}): {counts}")
+    for backup in written.backups:
+        out.info(f"kept the previous {backup.name.split('.bak')[0]} as {backup}")
+    return 0
+
+
+def register(app: typer.Typer) -> None:
+    app.command("split")(split)

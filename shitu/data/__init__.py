@@ -1,0 +1,1 @@
+"""Datasets: the ShiTuRecDataset format, checking, conversion and splitting."""
