@@ -3,6 +3,10 @@
 A plugin is a module (or object) registered under the ``shitu`` entry point group; it implements any of
 the hooks below, decorated with :data:`shitu.hookimpl`. Call hooks with keyword arguments only. Each
 docstring is the hook's contract.
+
+The host calls each plugin's implementation on its own, so a plugin that raises is recorded (``shitu
+plugins`` lists its error) without disturbing the others. A hook name that is not below (a typo) or a hook
+wrapper makes the plugin fail to load, rather than being ignored.
 """
 
 from __future__ import annotations

@@ -3,17 +3,24 @@
 Every plugin is found through the ``shitu`` entry point group (the built-ins are declared in shitu's own
 ``pyproject.toml``). Each one is imported, registered and asked for its registrations on its own; a
 plugin that fails at any of these steps is unregistered, recorded with its error, and the rest go on.
+
+The host calls each plugin's hook implementation by itself (never one pluggy call across all plugins), so
+one plugin that raises cannot hide the answers of the others. ``SHITU_TRACE_PLUGINS=1`` writes every
+hook call, its arguments and its result to stderr; ``SHITU_DEBUG=1`` adds the traceback of each failure.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import pkgutil
+import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import EntryPoint, entry_points
+from importlib import import_module
+from importlib.metadata import Distribution, EntryPoint, distributions
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +30,9 @@ from shitu import hookspecs
 from shitu.errors import ShituError
 
 ENTRY_POINT_GROUP = "shitu"
+TRACE_VARIABLE = "SHITU_TRACE_PLUGINS"
 _BUILTIN_DISTRIBUTION = "shitu"
+_BUILTIN_PACKAGE = "shitu.builtin"
 
 
 @dataclass
@@ -53,6 +62,31 @@ def _describe(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _must_propagate(exc: BaseException) -> bool:
+    """Only a Ctrl-C gets through a plugin boundary; anything else a plugin raises (even SystemExit) is its
+    own failure."""
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def builtin_plugin_modules() -> dict[str, str]:
+    """The built-in plugins as ``{name: module}``: every public module of :mod:`shitu.builtin`."""
+    package = import_module(_BUILTIN_PACKAGE)
+    return {
+        info.name: f"{_BUILTIN_PACKAGE}.{info.name}"
+        for info in pkgutil.iter_modules(package.__path__)
+        if not info.name.startswith("_")
+    }
+
+
+def _trace_writer(text: str) -> None:
+    sys.stderr.write("".join(f"[plugins] {line}\n" for line in text.splitlines()))
+    sys.stderr.flush()
+
+
 class PluginHost:
     """Owns the pluggy manager and everything plugins registered (models, dataset formats)."""
 
@@ -63,46 +97,67 @@ class PluginHost:
         self.models: dict[str, Any] = {}
         self.dataset_formats: dict[str, Any] = {}
         self._owner: dict[tuple[str, str], str] = {}
-        if os.environ.get("SHITU_TRACE_PLUGINS"):
-            self.pm.trace.root.setwriter(lambda text: sys.stderr.write(f"[plugins] {text}"))
+        # The host calls implementations one by one, so it traces them itself, in pluggy's format; pluggy's
+        # own tracing covers any direct ``pm.hook.<name>(...)`` call. Without a writer nothing is written.
+        self._hooktrace = self.pm.trace.root.get("hook")
+        self._loadtrace = self.pm.trace.root.get("load")
+        if os.environ.get(TRACE_VARIABLE, "").strip() not in ("", "0"):
+            self.pm.trace.root.setwriter(_trace_writer)
             self.pm.enable_tracing()
         if load_entry_points:
             self.load_entry_points()
 
     # -- loading -------------------------------------------------------------------------------------
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
-        """Load every entry point of ``group``: shitu's own first, then the others by name."""
+        """Load every entry point of ``group``: shitu's own first, then the others by name.
 
-        def order(ep: EntryPoint) -> tuple[int, str]:
-            dist = ep.dist.name if ep.dist is not None else ""
-            return (0 if dist == _BUILTIN_DISTRIBUTION else 1, ep.name)
+        Plugins registered later are asked first by ``detect_dataset_format``, so third-party plugins can
+        claim a layout before the built-ins. Built-ins missing from shitu's installed metadata (a source
+        tree that was never installed, or an install older than the code) are loaded from
+        :mod:`shitu.builtin` directly, still before any third-party plugin.
+        """
+        found, unreadable = _find_entry_points(group)
+        for info in unreadable:
+            self._record(info)
+        builtins = sorted((ep for ep in found if _is_builtin(ep)), key=lambda ep: ep.name)
+        others = sorted((ep for ep in found if not _is_builtin(ep)), key=lambda ep: (ep.name, ep.value))
+        for ep in builtins:
+            self._load(_entry_point_info(ep), ep.load)
+        if group == ENTRY_POINT_GROUP:
+            self.load_builtins()
+        for ep in others:
+            self._load(_entry_point_info(ep), ep.load)
 
-        seen: set[str] = set()
-        for ep in sorted(entry_points(group=group), key=order):
-            if ep.name in seen:  # the same distribution visible twice on sys.path
+    def load_builtins(self) -> None:
+        """Load the built-in plugins of :mod:`shitu.builtin` that are not loaded yet (by module)."""
+        from shitu import __version__
+
+        loaded = {info.module.partition(":")[0].strip() for info in self.plugins.values()}
+        for name, module in builtin_plugin_modules().items():
+            if module in loaded:
                 continue
-            seen.add(ep.name)
-            dist = ep.dist
-            info = PluginInfo(
-                name=ep.name,
-                module=ep.value,
-                distribution=dist.name if dist is not None else None,
-                version=dist.version if dist is not None else None,
-                builtin=dist is not None and dist.name == _BUILTIN_DISTRIBUTION,
-            )
-            try:
-                plugin = ep.load()
-            except BaseException as exc:
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                info.errors.append(f"failed to import {ep.value}: {_describe(exc)}")
-                self._debug(exc)
-                self.plugins[ep.name] = info
-                continue
-            self._add(plugin, info)
+            info = PluginInfo(name, module, _BUILTIN_DISTRIBUTION, __version__, builtin=True)
+            self._load(info, lambda module=module: import_module(module))
+
+    def _load(self, info: PluginInfo, load: Callable[[], object]) -> PluginInfo:
+        """Import one plugin (``load()``) and register it; an import that fails is recorded, never raised."""
+        self._loadtrace("loading plugin", info.name, "from", info.module)
+        try:
+            plugin = load()
+        except BaseException as exc:
+            if _must_propagate(exc):
+                raise
+            self._debug(exc)
+            info.errors.append(f"failed to import {info.module}: {_describe(exc)}")
+            self._record(info)
+            return info
+        return self._add(plugin, info)
 
     def register(self, plugin: object, name: str | None = None) -> PluginInfo:
-        """Register a plugin object or module directly (tests, embedding applications)."""
+        """Register a plugin object or module directly (tests, embedding applications).
+
+        Never raises for a faulty plugin: the returned record (also in :attr:`plugins`) holds its errors.
+        """
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
         info = PluginInfo(name=name, module=getattr(plugin, "__name__", type(plugin).__name__))
         return self._add(plugin, info)
@@ -119,24 +174,45 @@ class PluginHost:
                 del self._owner[key]
                 (self.models if kind == "model" else self.dataset_formats).pop(item, None)
 
+    def _record(self, info: PluginInfo) -> bool:
+        """Add ``info`` to the listing; a second plugin with a name already listed is refused (and listed
+        under a suffixed key so that both show). Returns False when refused."""
+        other = self.plugins.get(info.name)
+        if other is None:
+            self.plugins[info.name] = info
+            return True
+        source = other.distribution or other.module
+        info.errors.append(f"a plugin named {info.name!r} is already registered (from {source}); this one is ignored")
+        n = 2
+        while f"{info.name} ({n})" in self.plugins:
+            n += 1
+        self.plugins[f"{info.name} ({n})"] = info
+        return False
+
     def _add(self, plugin: object, info: PluginInfo) -> PluginInfo:
-        if info.name in self.plugins and self.plugins[info.name].ok:
-            info.errors.append(f"a plugin named {info.name!r} is already registered")
-            self.plugins.setdefault(info.name + " (duplicate)", info)
+        if not self._record(info):
             return info
-        self.plugins[info.name] = info
+        if self.pm.is_registered(plugin):
+            info.errors.append(f"this object is already registered as plugin {self.pm.get_name(plugin)!r}")
+            return info
         try:
             self.pm.register(plugin, name=info.name)
-            self.pm.check_pending()
         except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
+            if _must_propagate(exc):
                 raise
+            self._debug(exc)
             info.errors.append(f"invalid plugin: {_describe(exc)}")
             if self.pm.get_plugin(info.name) is not None:
                 self.pm.unregister(name=info.name)
             return info
-        info.hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or [])
-        # A hook that raises takes the whole plugin out; a refused duplicate name only drops that name.
+        callers = self.pm.get_hookcallers(plugin) or []
+        info.hooks = sorted(caller.name for caller in callers)
+        problems = self._problems(info.name, callers)
+        if problems:
+            info.errors.extend(problems)
+            self.pm.unregister(name=info.name)
+            return info
+        # A hook that raises takes the whole plugin out; a refused name only drops that registration.
         fatal = not self._collect(info, "model", "register_models", self.models, info.models)
         fatal = fatal or not self._collect(
             info, "dataset format", "register_dataset_formats", self.dataset_formats, info.dataset_formats
@@ -148,6 +224,23 @@ class PluginHost:
             self.plugins[info.name] = info
         return info
 
+    def _problems(self, plugin_name: str, callers: Iterable[Any]) -> list[str]:
+        """What makes a registered plugin unusable: hooks that do not exist (a misspelled name would
+        otherwise be ignored silently, as ``pm.check_pending`` reports) and hook wrappers."""
+        known = sorted(name for name in vars(hookspecs) if getattr(getattr(hookspecs, name), "shitu_spec", None))
+        problems = []
+        for caller in callers:
+            for impl in caller.get_hookimpls():
+                if impl.plugin_name != plugin_name:
+                    continue
+                if not caller.has_spec() and not impl.optionalhook:
+                    close = difflib.get_close_matches(caller.name, known, n=1, cutoff=0.6)
+                    hint = f"did you mean {close[0]!r}?" if close else f"known hooks: {', '.join(known)}"
+                    problems.append(f"unknown hook {caller.name!r} ({hint})")
+                elif impl.wrapper or impl.hookwrapper:
+                    problems.append(f"hook wrappers are not supported ({caller.name}): each plugin is called alone")
+        return problems
+
     def _collect(self, info: PluginInfo, kind: str, hook: str, table: dict[str, Any], names: list[str]) -> bool:
         """Call one registration hook of one plugin; validate and record what it registers.
 
@@ -155,19 +248,27 @@ class PluginHost:
         """
         key_kind = "model" if kind == "model" else "format"
         pending: list[Any] = []
+
+        def register(item: Any) -> None:
+            pending.append(item)
+
         for impl in self._impls(hook, info.name):
             try:
-                impl.function(register=pending.append)
+                self._call(impl, hook, register=register)
             except BaseException as exc:
-                if isinstance(exc, KeyboardInterrupt):
+                if _must_propagate(exc):
                     raise
-                info.errors.append(f"{hook} raised {_describe(exc)}")
                 self._debug(exc)
+                info.errors.append(f"{hook} raised {_describe(exc)}")
                 return False
         for item in pending:
             name = getattr(item, "name", None)
-            if not isinstance(name, str) or not name:
+            if not isinstance(name, str) or not name.strip():
                 info.errors.append(f"{hook} registered {item!r}, which has no name")
+                continue
+            problem = _invalid(kind, item)
+            if problem is not None:
+                info.errors.append(f"{hook} registered {name!r}, which {problem}")
                 continue
             key = name.lower()
             owner = self._owner.get((key_kind, key))
@@ -183,6 +284,26 @@ class PluginHost:
         caller = getattr(self.pm.hook, hook)
         return [impl for impl in caller.get_hookimpls() if impl.plugin_name == plugin_name]
 
+    def _call(self, impl: pluggy.HookImpl, hook: str, **kwargs: Any) -> Any:
+        """Call one implementation as pluggy would (only the arguments it declares), traced."""
+        self._hooktrace.root.indent += 1
+        self._hooktrace(hook, f"[{impl.plugin_name}]", kwargs)
+        try:
+            result = impl.function(*[kwargs[name] for name in impl.argnames])
+        except BaseException as exc:
+            self._hooktrace("finish", hook, f"[{impl.plugin_name}]", "raised", _describe(exc))
+            raise
+        else:
+            self._hooktrace("finish", hook, f"[{impl.plugin_name}]", "-->", result)
+            return result
+        finally:
+            self._hooktrace.root.indent -= 1
+
+    def _note(self, plugin_name: str, error: str) -> None:
+        info = self.plugins.get(plugin_name)
+        if info is not None and error not in info.errors:
+            info.errors.append(error)
+
     @staticmethod
     def _debug(exc: BaseException) -> None:
         if os.environ.get("SHITU_DEBUG"):
@@ -191,7 +312,7 @@ class PluginHost:
     # -- queries -------------------------------------------------------------------------------------
     @property
     def broken(self) -> list[PluginInfo]:
-        """Plugins that failed to load or register."""
+        """Plugins that failed to load or register, or whose hooks raised."""
         return [info for info in self.plugins.values() if not info.ok]
 
     def dataset_format(self, name: str) -> Any:
@@ -206,28 +327,108 @@ class PluginHost:
         """Ask each plugin, newest first, which format the folder is; the first answer wins.
 
         With ``convertible_only``, answers naming a format that cannot be converted (ShiTuRecDataset
-        itself) are passed over. A plugin whose detector raises is skipped (and its error recorded).
+        itself) are passed over. A plugin whose detector raises, or answers something that is not a format
+        name, is skipped and its error recorded.
         """
-        impls = self.pm.hook.detect_dataset_format.get_hookimpls()
-        for impl in reversed(impls):  # pluggy's own call order
+        hook = "detect_dataset_format"
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        for impl in reversed(impls):  # pluggy's own call order: newest first, tryfirst/trylast honoured
             try:
-                answer = impl.function(path=path)
-            except Exception as exc:
-                info = self.plugins.get(impl.plugin_name)
-                if info is not None:
-                    info.errors.append(f"detect_dataset_format raised {_describe(exc)}")
+                answer = self._call(impl, hook, path=path)
+            except BaseException as exc:
+                if _must_propagate(exc):
+                    raise
                 self._debug(exc)
+                self._note(impl.plugin_name, f"{hook} raised {_describe(exc)}")
                 continue
             if answer is None:
                 continue
-            fmt = self.dataset_formats.get(str(answer).lower())
+            if not isinstance(answer, str):
+                self._note(impl.plugin_name, f"{hook} returned {answer!r}, not a format name")
+                continue
+            fmt = self.dataset_formats.get(answer.lower())
             if convertible_only and (fmt is None or not fmt.converts):
                 continue
-            return fmt.name if fmt is not None else str(answer)
+            return fmt.name if fmt is not None else answer
         return None
 
 
-def _lookup(table: dict[str, Any], name: str, kind: str) -> Any:
+def _invalid(kind: str, item: Any) -> str | None:
+    """Why a registered item cannot be used, or None."""
+    if kind == "dataset format":
+        from shitu.formats import DatasetFormat
+
+        if isinstance(item, type):
+            return "is a class, not an instance (register(MyFormat()))"
+        if not isinstance(item, DatasetFormat):
+            return "is not a shitu.formats.DatasetFormat"
+    return None
+
+
+def _entry_point_info(ep: EntryPoint) -> PluginInfo:
+    dist = ep.dist
+    return PluginInfo(
+        name=ep.name,
+        module=ep.value,
+        distribution=dist.name if dist is not None else None,
+        version=_dist_version(dist) if dist is not None else None,
+        builtin=_is_builtin(ep),
+    )
+
+
+def _is_builtin(ep: EntryPoint) -> bool:
+    return ep.dist is not None and _normalise(ep.dist.name or "") == _BUILTIN_DISTRIBUTION
+
+
+def _find_entry_points(group: str) -> tuple[list[EntryPoint], list[PluginInfo]]:
+    """The entry points of ``group``, one distribution at a time (the first of a name on sys.path wins, as
+    importlib's ``entry_points``), so one installed package with an unreadable ``entry_points.txt`` is
+    reported instead of breaking the search for all of them."""
+    found: list[EntryPoint] = []
+    unreadable: list[PluginInfo] = []
+    seen: set[str] = set()
+    for dist in distributions():
+        name = _dist_name(dist)
+        key = _normalise(name) if name else f"path:{getattr(dist, '_path', id(dist))}"
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            found.extend(dist.entry_points.select(group=group))
+        except Exception as exc:
+            text = _read_text(dist, "entry_points.txt")
+            if text is None or f"[{group}]" not in text.replace(" ", ""):
+                continue  # not a plugin of ours: not our problem
+            version = _dist_version(dist)
+            shown = name or str(getattr(dist, "_path", "?"))
+            info = PluginInfo(shown, "entry_points.txt", name, version)
+            info.errors.append(f"cannot read the entry points of {shown}: {_describe(exc)}")
+            unreadable.append(info)
+    return found, unreadable
+
+
+def _dist_name(dist: Distribution) -> str | None:
+    try:
+        return dist.metadata["Name"]
+    except Exception:
+        return None
+
+
+def _dist_version(dist: Distribution) -> str | None:
+    try:
+        return dist.version
+    except Exception:
+        return None
+
+
+def _read_text(dist: Distribution, filename: str) -> str | None:
+    try:
+        return dist.read_text(filename)
+    except Exception:
+        return None
+
+
+def _lookup(table: Mapping[str, Any], name: str, kind: str) -> Any:
     found = table.get(name.lower())
     if found is not None:
         return found

@@ -5,12 +5,15 @@ the classes of the image), ``images/``. Rules as PaddleX: every flag set to true
 ``<image> <class id>``; the lines go 50/30/20 to train/gallery/query in order, unshuffled. Beyond PaddleX:
 annotations are read in sorted order (PaddleX uses the directory order, which differs between machines),
 ``imagePath`` may be any path relative to the JSON file (or just a file name under ``images/``), and
-split options, when given, replace the fixed 50/30/20.
+split options, when given, replace the fixed 50/30/20. ``label.txt`` is the source of the class ids and
+is never rewritten. A flag value other than true/false is an error (PaddleX would count the string
+``"false"`` as set).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path, PurePosixPath
 
 from shitu import hookimpl
@@ -29,7 +32,7 @@ def _read_labels(root: Path) -> tuple[dict[str, int], list[Issue]]:
     except (OSError, UnicodeDecodeError) as exc:
         return {}, [Issue("error", str(file), f"cannot read: {exc}", code="unreadable")]
     lines = text.split("\n")
-    if lines and lines[-1].strip() == "":
+    while lines and lines[-1].strip() == "":  # trailing blank lines name no class (PaddleX ignores them too)
         lines.pop()
     for number, line in enumerate(lines, start=1):
         name = line.strip()
@@ -52,19 +55,30 @@ def _read_labels(root: Path) -> tuple[dict[str, int], list[Issue]]:
     return labels, issues
 
 
-def _image_for(root: Path, annotation: Path, image_path: str) -> Path | None:
-    """Find the annotated image: relative to the JSON file first, then by file name under images/."""
+def _image_for(root: Path, annotation: Path, image_path: str) -> str | None:
+    """The annotated image as a path relative to ``root`` (POSIX separators), or None if it is not found.
+
+    ``imagePath`` is tried relative to the JSON file first, then by file name under ``images/``. Links are
+    kept as written (the list names the link, as PaddleX would), but the file they reach must be inside
+    the dataset root.
+    """
     normalised = image_path.strip().replace("\\", "/")
+    if not normalised or "\x00" in normalised:
+        return None
     real_root = root.resolve()
     candidates = []
-    if normalised and not PurePosixPath(normalised).is_absolute():
+    if not PurePosixPath(normalised).is_absolute():
         candidates.append(annotation.parent / normalised)
-    if normalised:
-        candidates.append(root / "images" / PurePosixPath(normalised).name)
+    name = PurePosixPath(normalised).name
+    if name and name not in (".", ".."):
+        candidates.append(root / "images" / name)
     for candidate in candidates:
+        relative = Path(os.path.relpath(os.path.normpath(candidate), os.path.normpath(root)))
+        if ".." in relative.parts:
+            continue
         resolved = candidate.resolve()
         if resolved.is_file() and resolved.is_relative_to(real_root):
-            return resolved
+            return relative.as_posix()
     return None
 
 
@@ -81,8 +95,9 @@ class LabelMe(DatasetFormat):
             return [], [], issues
         samples: list[Sample] = []
         notes: list[str] = []
-        real_root = root.resolve()
         for annotation in sorted(annotations_dir.glob("*.json")):
+            if annotation.name.startswith(".") or not annotation.is_file():
+                continue  # hidden files (e.g. macOS '._x.json') and folders are no annotations
             shown = str(annotation)
             try:
                 document = json.loads(annotation.read_text(encoding="utf-8-sig"))
@@ -114,11 +129,17 @@ class LabelMe(DatasetFormat):
                     )
                 )
                 continue
-            chosen = [flag for flag, value in flags.items() if value is True]
+            odd = [flag for flag, value in flags.items() if not isinstance(value, bool)]
+            if odd:
+                value = flags[odd[0]]
+                issues.append(
+                    Issue("error", shown, f"flag {odd[0]!r} is {value!r}, expected true or false", code="bad-flag")
+                )
+                continue
+            chosen = [flag for flag, value in flags.items() if value]
             if not chosen:
                 notes.append(f"{shown}: no flag set, image skipped")
                 continue
-            relative = image.relative_to(real_root).as_posix()
             for flag in chosen:
                 if flag not in labels:
                     if labels:
@@ -128,7 +149,7 @@ class LabelMe(DatasetFormat):
                             )
                         )
                     continue
-                samples.append(Sample(relative, labels[flag]))
+                samples.append(Sample(image, labels[flag]))
         if not samples and not any(i.severity == "error" for i in issues):
             issues.append(Issue("error", str(annotations_dir), "no annotation marks any image with a class"))
         return samples, notes, issues
@@ -141,20 +162,19 @@ class LabelMe(DatasetFormat):
         errors = [i for i in issues if i.severity == "error"]
         if errors:
             raise ShituError(errors[0].message, path=errors[0].file, line=errors[0].line)
-        labels, _ = _read_labels(root)
-        class_names = sorted(labels, key=labels.__getitem__)
+        # label.txt is this format's own class list: the plan leaves it as it is (class_names None).
         if options is not None:
             from shitu.data.split import split_samples
 
-            return ConversionPlan(split_samples(samples, options), class_names, notes)
+            return ConversionPlan(split_samples(samples, options), None, notes)
         n = len(samples)
-        n_train, n_gallery = round(n * 0.5), round(n * 0.3)
+        n_train, n_gallery = round(n * 50 / 100), round(n * 30 / 100)  # PaddleX's expression
         lists = {
             "train": samples[:n_train],
             "gallery": samples[n_train : n_train + n_gallery],
             "query": samples[n_train + n_gallery :],
         }
-        return ConversionPlan(lists, class_names, notes)
+        return ConversionPlan(lists, None, notes)
 
 
 @hookimpl
@@ -164,6 +184,11 @@ def register_dataset_formats(register):
 
 @hookimpl
 def detect_dataset_format(path: Path) -> str | None:
-    if (path / "annotations").is_dir() and (path / "label.txt").is_file():
+    """LabelMe: an annotations/ folder beside label.txt, or holding JSON files (so that a missing
+    label.txt is reported as such rather than as an unknown format)."""
+    annotations = path / "annotations"
+    if not annotations.is_dir():
+        return None
+    if (path / "label.txt").is_file() or any(p.suffix == ".json" for p in annotations.iterdir()):
         return LabelMe.name
     return None

@@ -20,8 +20,13 @@ def convert(
     train: Annotated[int | None, typer.Option("--train", help="Percent of images for train.")] = None,
     gallery: Annotated[int | None, typer.Option("--gallery", help="Percent of images for the gallery.")] = None,
     query: Annotated[int | None, typer.Option("--query", help="Percent of images for queries.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the shuffle.")] = 0,
-    by: Annotated[str, typer.Option("--by", help="Split by 'image' (closed-set) or 'class' (open-set).")] = "image",
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the shuffle (with --train/--gallery/--query; default 0).")
+    ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option("--by", help="Split by 'image' (closed-set, default) or 'class' (open-set); needs the percents."),
+    ] = None,
     json: JsonOption = False,
 ) -> int:
     """Convert a dataset (LabelMe, ImageFolder via its plugin, ...) into ShiTuRecDataset lists.
@@ -29,26 +34,32 @@ def convert(
     Writes train.txt, gallery.txt, query.txt (and label.txt) in the folder; files it replaces are kept
     as .bak. Without --train/--gallery/--query the format's own split applies (LabelMe: 50/30/20 in order).
     """
+    from rich.markup import escape
+
     from shitu.data.convert import convert_dataset
+    from shitu.errors import ShituError
     from shitu.formats import SplitOptions
 
     out = Output(json)
     report_broken_plugins(out)
     options = None
     if any(v is not None for v in (train, gallery, query)):
-        from shitu.errors import ShituError
-
         if None in (train, gallery, query):
             raise ShituError("give all three of --train, --gallery and --query, or none")
-        options = SplitOptions(train=train, gallery=gallery, query=query, seed=seed, by=by)  # type: ignore[arg-type]
+        options = SplitOptions(train=train, gallery=gallery, query=query, seed=seed or 0, by=by or "image")  # type: ignore[arg-type]
+    elif seed is not None or by is not None:
+        raise ShituError("--seed and --by need --train, --gallery and --query (the format's own split has neither)")
     name, written, notes = convert_dataset(dataset, source_format=source, options=options)
     for note in notes:
         out.warning(note)
     out.emit({"source_format": name, **written.to_json(), "notes": notes})
     counts = ", ".join(f"{k} {v}" for k, v in written.counts.items())
-    out.info(f"[green]Converted[/] {dataset} from {name} to ShiTuRecDataset: {counts}")
+    if written.changed:
+        out.info(f"[green]Converted[/] {escape(str(dataset))} from {name} to ShiTuRecDataset: {counts}")
+    else:
+        out.info(f"{escape(str(dataset))} is already converted from {name} ({counts}): nothing changed")
     for backup in written.backups:
-        out.info(f"kept the previous {backup.name.split('.bak')[0]} as {backup}")
+        out.info(f"kept the previous {escape(backup.name.split('.bak')[0])} as {escape(str(backup))}")
     return 0
 
 

@@ -6,10 +6,15 @@ import typer
 
 from shitu.cli._options import JsonOption
 from shitu.cli._output import Output
+from shitu.cli._shared import report_broken_plugins
 
 
 def plugins(json: JsonOption = False) -> int:
-    """List plugins: name, version, the models and dataset formats each registers, and load errors."""
+    """List plugins: name, version, the models and dataset formats each registers, and load errors.
+
+    Exits 0 even when a plugin is broken: its errors are listed (and warned about on stderr).
+    """
+    from rich.markup import escape
     from rich.table import Table
 
     from shitu.plugins import get_host
@@ -26,12 +31,12 @@ def plugins(json: JsonOption = False) -> int:
         version = info.version or "-"
         if info.builtin:
             version += " (built-in)"
-        status = "[green]ok[/]" if info.ok else "[red]" + "; ".join(info.errors) + "[/]"
-        table.add_row(info.name, version, "\n".join(registers) or "-", status)
+        elif info.distribution:
+            version += f" ({info.distribution})"
+        status = "[green]ok[/]" if info.ok else "[red]" + escape("; ".join(info.errors)) + "[/]"
+        table.add_row(escape(info.name), escape(version), escape("\n".join(registers) or "-"), status)
     out.render(table)
-    for info in host.broken:
-        for error in info.errors:
-            out.warning(f"plugin {info.name!r}: {error}")
+    report_broken_plugins(out, host)
     return 0
 
 

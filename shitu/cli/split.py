@@ -28,6 +28,8 @@ def split(
     json: JsonOption = False,
 ) -> int:
     """Re-split all images of the three lists; the old lists are kept as .bak files."""
+    from rich.markup import escape
+
     from shitu.data.split import split_dataset
     from shitu.formats import SplitOptions
 
@@ -35,9 +37,12 @@ def split(
     written = split_dataset(dataset, SplitOptions(train=train, gallery=gallery, query=query, seed=seed, by=by))  # type: ignore[arg-type]
     out.emit(written.to_json())
     counts = ", ".join(f"{k} {v}" for k, v in written.counts.items())
-    out.info(f"[green]Split[/] {written.root} by {by} (seed {seed}): {counts}")
+    if written.changed:
+        out.info(f"[green]Split[/] {escape(str(written.root))} by {escape(by)} (seed {seed}): {counts}")
+    else:
+        out.info(f"{escape(str(written.root))} is already split this way ({counts}): nothing changed")
     for backup in written.backups:
-        out.info(f"kept the previous {backup.name.split('.bak')[0]} as {backup}")
+        out.info(f"kept the previous {escape(backup.name.split('.bak')[0])} as {escape(str(backup))}")
     return 0
 
 

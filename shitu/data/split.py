@@ -6,7 +6,7 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shitu.data.lists import format_lines, locate_root, read_list
@@ -30,6 +30,8 @@ def validate_options(options: SplitOptions) -> None:
         )
     if options.by not in ("image", "class"):
         raise ShituError(f"--by must be 'image' or 'class', got {options.by!r}")
+    if isinstance(options.seed, bool) or not isinstance(options.seed, int):
+        raise ShituError(f"--seed must be a whole number, got {options.seed!r}")
 
 
 def split_samples(samples: Sequence[Sample], options: SplitOptions) -> dict[str, list[Sample]]:
@@ -83,17 +85,20 @@ def split_samples(samples: Sequence[Sample], options: SplitOptions) -> dict[str,
 
 @dataclass
 class WriteResult:
-    """What was written: the dataset root, the new list sizes and the backups kept."""
+    """What was written: the dataset root, the new list sizes, the backups kept and the files changed
+    (empty when the lists already held exactly this content)."""
 
     root: Path
     counts: dict[str, int]
     backups: list[Path]
+    changed: list[Path] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         return {
             "dataset_path": str(self.root),
             "counts": self.counts,
             "backups": [str(p) for p in self.backups],
+            "changed": [str(p) for p in self.changed],
         }
 
 
@@ -105,9 +110,30 @@ def write_lists(root: Path, lists: dict[str, list[Sample]], class_names: Sequenc
     """
     files = {root / f"{split}.txt": format_lines(lists[split]) for split in SPLITS}
     if class_names is not None:
+        for name in class_names:
+            if not name.strip() or "\n" in name or "\r" in name:
+                raise ShituError(f"cannot write class name {name!r} into label.txt (one name per line)")
         files[root / "label.txt"] = "".join(f"{name}\n" for name in class_names).encode("utf-8")
+    recover(root)
+    changed = [path for path, data in files.items() if not (path.is_file() and path.read_bytes() == data)]
     backups = replace_together(files)
-    return WriteResult(root=root, counts={split: len(lists[split]) for split in SPLITS}, backups=backups)
+    return WriteResult(
+        root=root, counts={split: len(lists[split]) for split in SPLITS}, backups=backups, changed=changed
+    )
+
+
+def refuse_bundled_demo(path: Path) -> None:
+    """The demo dataset inside the installed package is read-only: refuse to modify it."""
+    from shitu.data.demo import demo_dataset_path
+
+    try:
+        demo = demo_dataset_path().resolve()
+    except Exception:  # pragma: no cover - a package without its demo data
+        return
+    if path.resolve() == demo:
+        raise ShituError(
+            "the bundled demo dataset is read-only", path=path, hint="copy it elsewhere before splitting or converting"
+        )
 
 
 def split_dataset(dataset: str | os.PathLike[str], options: SplitOptions) -> WriteResult:
@@ -117,12 +143,11 @@ def split_dataset(dataset: str | os.PathLike[str], options: SplitOptions) -> Wri
     """
     validate_options(options)
     root = locate_root(dataset)
+    refuse_bundled_demo(root)
     recover(root)
     samples: list[Sample] = []
-    found = False
     for split in SPLITS:
         parsed = read_list(root, split)
-        found = found or parsed.exists
         for issue in parsed.issues:
             if issue.severity == "error" and issue.code not in ("missing-list", "empty-list"):
                 raise ShituError(issue.message, path=issue.file, line=issue.line, hint="fix it before splitting")

@@ -1,0 +1,38 @@
+"""Developer sessions: ``nox`` runs tests and lint; slow checks and benchmarks have sessions of their own."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.default_venv_backend = "venv"
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The default test run (what CI runs): fast tests only."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def slow(session: nox.Session) -> None:
+    """Long checks (marked ``slow``): crash loops and other long runs."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks: side-by-side speed measurements; results go to benchmarks/RESULTS.md by hand."""
+    session.install("-e", ".")
+    session.run("python", "benchmarks/bench_check.py", *session.posargs)
