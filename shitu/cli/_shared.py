@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shitu.cli._output import Output
@@ -17,3 +18,11 @@ def report_broken_plugins(out: Output, host: PluginHost | None = None) -> None:
 
     for line in iter_plugin_errors(host if host is not None else get_host()):
         out.warning(line)
+
+
+def report_backups(out: Output, backups: list[Path]) -> None:
+    """One line per file kept as a backup before it was replaced."""
+    from rich.markup import escape
+
+    for backup in backups:
+        out.info(f"kept the previous {escape(backup.name.split('.bak')[0])} as {escape(str(backup))}")

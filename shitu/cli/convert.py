@@ -9,7 +9,7 @@ import typer
 
 from shitu.cli._options import JsonOption
 from shitu.cli._output import Output
-from shitu.cli._shared import report_broken_plugins
+from shitu.cli._shared import report_backups, report_broken_plugins
 
 
 def convert(
@@ -58,8 +58,7 @@ def convert(
         out.info(f"[green]Converted[/] {escape(str(dataset))} from {name} to ShiTuRecDataset: {counts}")
     else:
         out.info(f"{escape(str(dataset))} is already converted from {name} ({counts}): nothing changed")
-    for backup in written.backups:
-        out.info(f"kept the previous {escape(backup.name.split('.bak')[0])} as {escape(str(backup))}")
+    report_backups(out, written.backups)
     return 0
 
 

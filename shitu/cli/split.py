@@ -9,6 +9,7 @@ import typer
 
 from shitu.cli._options import JsonOption
 from shitu.cli._output import Output
+from shitu.cli._shared import report_backups
 
 
 def split(
@@ -41,8 +42,7 @@ def split(
         out.info(f"[green]Split[/] {escape(str(written.root))} by {escape(by)} (seed {seed}): {counts}")
     else:
         out.info(f"{escape(str(written.root))} is already split this way ({counts}): nothing changed")
-    for backup in written.backups:
-        out.info(f"kept the previous {escape(backup.name.split('.bak')[0])} as {escape(str(backup))}")
+    report_backups(out, written.backups)
     return 0
 
 
