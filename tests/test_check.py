@@ -202,3 +202,12 @@ def test_paddlex_images_folder_root_detection(tiny_dataset, tmp_path):
     result = check_dataset(nested, output=None)
     assert result.root == nested / "inner"
     assert result.check_pass
+
+
+def test_line_numbers_are_printed_verbatim(cli, tiny_dataset, tmp_path):
+    root = tiny_dataset()
+    lines = [f"images/c0/img{i % 2}.jpg 0" for i in range(99)]
+    (root / "train.txt").write_text("\n".join(lines) + "\nbroken\n")
+    result = cli("check", root, "--output", tmp_path / "o")
+    assert result.code == 1
+    assert f"{root}/train.txt:100: malformed line" in result.stderr  # rich would turn ':100:' into an emoji

@@ -35,7 +35,7 @@ class Output:
 
     def __init__(self, json_mode: bool = False) -> None:
         self.json_mode = json_mode
-        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
     # -- human output (stderr) ----------------------------------------------------------------------
     def info(self, message: str) -> None:
