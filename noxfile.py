@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint"]
@@ -36,3 +38,36 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: side-by-side speed measurements; results go to benchmarks/RESULTS.md by hand."""
     session.install("-e", ".")
     session.run("python", "benchmarks/bench_check.py", *session.posargs)
+
+
+PADDLE_DEPS = [
+    "paddlepaddle",
+    "easydict",
+    "faiss-cpu",
+    "opencv-python-headless",
+    "prettytable",
+    "scikit-learn",
+    "ujson",
+    "requests",
+    "tqdm",
+    "pyyaml",
+    "six",
+]
+
+
+@nox.session(python=PYTHON)
+def parity(session: nox.Session) -> None:
+    """Parity with PaddlePaddle: build each model in PaddleClas with random weights, import, compare.
+
+    Needs the photos in ../shared/data/grocery. Writes the full-size reference files to .work/parity
+    (several GB) unless they are there already; the tests print the errors they measure.
+    """
+    session.install("-e", ".[dev]")
+    session.install(*PADDLE_DEPS)
+    session.install("--no-deps", "paddleclas")
+    if not Path(".work/parity/manifest.json").is_file():
+        session.run("python", "tests/parity/paddle_reference.py", "--out", ".work/parity")
+    session.run(
+        "pytest", "-m", "slow", "-s", "tests/parity", "tests/test_weights.py", "tests/test_pplcnetv2.py", "-k",
+        "full_size or parity or matches", *session.posargs,
+    )  # fmt: skip

@@ -362,6 +362,11 @@ def _invalid(kind: str, item: Any) -> str | None:
             return "is a class, not an instance (register(MyFormat()))"
         if not isinstance(item, DatasetFormat):
             return "is not a shitu.formats.DatasetFormat"
+    if kind == "model":
+        from shitu.models.spec import ModelSpec
+
+        if not isinstance(item, ModelSpec):
+            return "is not a shitu.models.ModelSpec"
     return None
 
 

@@ -41,9 +41,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from shitu.cli import check, convert, plugins, split
+    from shitu.cli import check, convert, import_weights, models, plugins, split
 
-    for module in (check, convert, split, plugins):
+    for module in (check, convert, split, plugins, models, import_weights):
         module.register(app)
 
 

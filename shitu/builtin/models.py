@@ -1,0 +1,50 @@
+"""Built-in plugin: the three recognition models of PaddleX's image recognition module."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from shitu import hookimpl
+from shitu.models.spec import ModelSpec
+
+
+def pplcnet_arch_for_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A re-parameterized state (exported models: fused ``dw_conv`` kernels, no branches) needs the deploy form."""
+    fused = any(key.endswith(".dw_conv.weight") for key in state)
+    branches = any(".dw_conv_list." in key for key in state)
+    return {"deploy": True} if fused and not branches else {}
+
+
+PP_SHITUV2_REC = ModelSpec(
+    name="PP-ShiTuV2_rec",
+    description="PP-LCNetV2_base (ShiTu variant) + BNNeck(512); training head FC; CE(ε 0.1) + triplet angular loss",
+    builder="shitu.models.pplcnetv2:build_pp_shituv2_rec",
+    paddle_importer="shitu.models.pplcnetv2:import_paddle_state",
+    paddle_arch="shitu.builtin.models:pplcnet_arch_for_state",
+    config="PP-ShiTuV2_rec",
+)
+
+# PaddleClas trains and evaluates the CLIP models with bicubic resizing, but PaddleX's predictor resizes
+# bilinearly whatever the config says; we follow the predictor so features match PaddleX's.
+CLIP_VIT_BASE = ModelSpec(
+    name="PP-ShiTuV2_rec_CLIP_vit_base",
+    description="CLIP ViT-B/16 at 224 + FC(512) neck; training head ArcMargin(m 0.2, s 30)",
+    builder="shitu.models.vit:build_clip_vit_base",
+    paddle_importer="shitu.models.vit:import_paddle_state",
+    config="PP-ShiTuV2_rec_CLIP_vit_base",
+)
+
+CLIP_VIT_LARGE = ModelSpec(
+    name="PP-ShiTuV2_rec_CLIP_vit_large",
+    description="CLIP ViT-L/14 at 224 + FC(512) neck; training head ArcMargin(m 0.2, s 30)",
+    builder="shitu.models.vit:build_clip_vit_large",
+    paddle_importer="shitu.models.vit:import_paddle_state",
+    config="PP-ShiTuV2_rec_CLIP_vit_large",
+)
+
+
+@hookimpl
+def register_models(register):
+    for spec in (PP_SHITUV2_REC, CLIP_VIT_BASE, CLIP_VIT_LARGE):
+        register(spec)

@@ -1,0 +1,9 @@
+"""Recognition models: the plugin-facing spec (:class:`ModelSpec`) and shared model code.
+
+Importing this package must stay cheap (no JAX): specs name their builders as ``"module:function"``
+strings that are imported only when a model is built.
+"""
+
+from shitu.models.spec import ImportReport, ModelSpec
+
+__all__ = ["ImportReport", "ModelSpec"]

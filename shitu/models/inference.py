@@ -1,0 +1,72 @@
+"""The inference entry point: images in, L2-normalised float32 [B, 512] features out, for any batch size.
+
+Batches are padded up to a few bucket sizes so XLA compiles a handful of shapes, not one per batch size;
+larger inputs are cut into chunks of the largest bucket. The model runs in eval mode under ``jax.jit``
+(split into graph and state once, so there is no per-call NNX overhead), and JAX's persistent
+compilation cache is on, so a second process skips most compile time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+
+def l2_normalize(features: Any) -> Any:
+    """Row-wise L2 normalisation as PaddleX's NormalizeFeatures (a zero row stays zero instead of NaN)."""
+    import jax.numpy as jnp
+
+    norm = jnp.sqrt(jnp.sum(features * features, axis=1, keepdims=True))
+    return features / jnp.where(norm > 0, norm, 1.0)
+
+
+class Embedder:
+    """Computes normalised features with ``model`` (an NNX recognition module; put in eval mode here)."""
+
+    def __init__(self, model: Any, *, buckets: Sequence[int] = DEFAULT_BUCKETS) -> None:
+        import jax
+        from flax import nnx
+
+        from shitu.runtime import configure_jax
+
+        configure_jax()
+        if not buckets or any(b < 1 for b in buckets):
+            raise ValueError("buckets must be positive batch sizes")
+        self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        model.eval()
+        self._graphdef, self._state = nnx.split(model)
+
+        def forward(state: Any, images: Any) -> Any:
+            return l2_normalize(nnx.merge(self._graphdef, state)(images))
+
+        self._forward = jax.jit(forward)
+
+    def bucket_for(self, n: int) -> int:
+        """The batch size an input of ``n`` images is padded to (n ≤ the largest bucket)."""
+        return next(b for b in self.buckets if b >= n)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """``images``: float32 [N, H, W, 3], preprocessed. Returns float32 [N, embedding] unit rows."""
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected images of shape [N, H, W, 3], got {list(images.shape)}")
+        largest = self.buckets[-1]
+        parts = []
+        for start in range(0, len(images), largest):
+            chunk = images[start : start + largest]
+            size = self.bucket_for(len(chunk))
+            if size != len(chunk):
+                padding = np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)
+                chunk = np.concatenate([chunk, padding])
+            parts.append(np.asarray(self._forward(self._state, chunk))[: min(largest, len(images) - start)])
+        if not parts:
+            return np.zeros((0, 0), np.float32)
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def compiled_shapes(self) -> int:
+        """How many input shapes have been compiled so far (for tests and diagnostics)."""
+        return self._forward._cache_size()

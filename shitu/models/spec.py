@@ -1,0 +1,75 @@
+"""What a model plugin registers: a :class:`ModelSpec` bundles the network, its default config,
+preprocessing, training head and loss, and its Paddle weight importer: a model is more than a module.
+
+The module contract (Flax NNX) that every built model follows:
+
+- input: float32 NHWC images, already resized and normalised with ``spec.mean``/``spec.std``;
+- ``model(x)`` → ``features`` float32 [B, embedding_size], *not* L2-normalised (PaddleClas' ``features``);
+- ``model.logits(features, labels)`` → training-head logits [B, num_classes] (``labels`` may be None at
+  eval; margin heads need them in training);
+- ``model.train()`` / ``model.eval()`` switch BatchNorm/dropout mode (NNX's own methods).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import import_module
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resolve(reference: str) -> Any:
+    """Import ``"package.module:attribute"``."""
+    module, _, attribute = reference.partition(":")
+    return getattr(import_module(module), attribute)
+
+
+@dataclass
+class ImportReport:
+    """What a weight import did: keys loaded, skipped for a shape mismatch (as Paddle's set_dict), unused."""
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "loaded": len(self.loaded),
+            "skipped": [{"key": k, "file_shape": list(a), "model_shape": list(b)} for k, a, b in self.skipped],
+            "unused": self.unused,
+        }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model. ``builder``, ``paddle_importer`` and ``loss`` are ``"module:function"`` strings.
+
+    - ``builder(num_classes: int, *, rngs: nnx.Rngs, **arch) -> nnx.Module``
+    - ``paddle_importer(model, state: dict[str, np.ndarray]) -> ImportReport`` (PaddleClas structured names)
+    - ``paddle_arch(state) -> dict``: architecture options a Paddle state needs (e.g. the fused form)
+    - ``loss(outputs..., labels) -> (loss, terms)`` (see the training code)
+    """
+
+    name: str
+    description: str
+    builder: str
+    config: str
+    paddle_importer: str | None = None
+    paddle_arch: str | None = None
+    loss: str | None = None
+    embedding_size: int = 512
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize_interpolation: str = "bilinear"
+    arch: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, num_classes: int, *, seed: int = 0, **overrides: Any) -> Any:
+        """Build the NNX module with random initialisation (``seed``) and the spec's arch kwargs."""
+        from flax import nnx
+
+        build: Callable[..., Any] = resolve(self.builder)
+        return build(num_classes, rngs=nnx.Rngs(seed), **{**self.arch, **overrides})
