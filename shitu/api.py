@@ -20,15 +20,14 @@ def check_dataset_with_config(
 ) -> tuple[CheckResult, list[str]]:
     """PaddleX's check_dataset mode: convert (if CheckDataset.convert.enable), split (if
     CheckDataset.split.enable), then check. Returns the check result and a line per action taken."""
-    from shitu.data.demo import demo_dataset_path
-
     dataset = dataset if dataset is not None else config.get("Global.dataset_dir")
     if dataset is None:
         raise ShituError("no dataset given (pass DATASET or -o Global.dataset_dir=...)")
     actions: list[str] = []
-    modifies = config.get("CheckDataset.convert.enable") or config.get("CheckDataset.split.enable")
-    if modifies and Path(dataset).resolve() == demo_dataset_path().resolve():
-        raise ShituError("the bundled demo dataset is read-only: copy it before converting or splitting it")
+    if config.get("CheckDataset.convert.enable") or config.get("CheckDataset.split.enable"):
+        from shitu.data.split import refuse_bundled_demo
+
+        refuse_bundled_demo(Path(dataset))  # before any option is checked: the clearest message first
     if config.get("CheckDataset.convert.enable"):
         from shitu.data.convert import convert_dataset
 
