@@ -1,0 +1,223 @@
+"""A model ready to embed images: spec + network (eval mode) + preprocessing + the bucketed jit entry point.
+
+This is what ``eval``, ``predict``, ``index`` and training's per-epoch evaluation use to turn images into
+unit-length features. Decoding and preprocessing run in a thread pool (Pillow and OpenCV release the GIL),
+one batch ahead of the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shitu.data.images import DEFAULT_MAX_PIXELS
+from shitu.errors import ShituError
+
+
+@dataclass
+class EmbedFailure:
+    """An input that could not be embedded, and why (one line)."""
+
+    index: int
+    source: str
+    message: str
+
+
+@dataclass
+class Embedded:
+    """Features of the inputs that worked, in input order, with their positions; failures apart."""
+
+    features: np.ndarray  # float32 [n_ok, embedding_size], unit rows
+    indices: list[int] = field(default_factory=list)  # position of each row in the input sequence
+    failures: list[EmbedFailure] = field(default_factory=list)
+
+
+def _default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class Recognizer:
+    """Embeds images with ``model`` (an NNX recognition module) built from ``spec``.
+
+    ``input_size`` overrides the spec's (a model trained at 128 px embeds at 128 px);
+    ``bundle`` is the loaded bundle this came from, if any.
+    """
+
+    def __init__(
+        self,
+        spec: Any,
+        model: Any,
+        *,
+        num_classes: int,
+        input_size: int | None = None,
+        bundle: Any | None = None,
+        config: Any | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        from shitu.models.inference import Embedder
+
+        self.spec = spec
+        self.model = model
+        self.num_classes = int(num_classes)
+        self.input_size = int(input_size or spec.input_size)
+        self.bundle = bundle
+        self.config = config
+        self.max_pixels = max_pixels
+        self.embedder = Embedder(model)
+
+    @property
+    def name(self) -> str:
+        return str(self.spec.name)
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.spec.embedding_size)
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies the features this recognizer makes (an index built with one must match it)."""
+        return {
+            "model": self.name,
+            "embedding_size": self.embedding_size,
+            "input_size": self.input_size,
+            "bundle": str(self.bundle.path) if self.bundle is not None else None,
+        }
+
+    def preprocess(self, source: Any) -> np.ndarray:
+        """Decode and preprocess one input into float32 [S, S, 3]; a ShituError if it cannot be read."""
+        from shitu.data.transforms import eval_preprocess, read_image
+
+        image = read_image(source, max_pixels=self.max_pixels)
+        return eval_preprocess(
+            image,
+            size=self.input_size,
+            mean=self.spec.mean,
+            std=self.spec.std,
+            interpolation=self.spec.resize_interpolation,
+        )
+
+    def embed_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Preprocessed float32 [N, S, S, 3] → float32 [N, D] unit rows."""
+        return self.embedder(images)
+
+    def iter_batches(
+        self,
+        sources: Sequence[Any],
+        *,
+        batch_size: int = 32,
+        workers: int | None = None,
+    ) -> Iterator[tuple[list[int], np.ndarray, list[EmbedFailure]]]:
+        """Yield ``(indices, features, failures)`` per batch of ``sources``, in order.
+
+        Inputs that cannot be read are reported as failures and skipped; the others still run.
+        """
+        if batch_size < 1:
+            raise ShituError(f"batch size must be at least 1, got {batch_size}")
+        workers = workers or _default_workers()
+
+        def load(index: int) -> tuple[int, np.ndarray | None, str | None]:
+            try:
+                return index, self.preprocess(sources[index]), None
+            except ShituError as exc:
+                return index, None, str(exc)
+            except Exception as exc:  # an input we cannot even describe must not stop the others
+                return index, None, f"{_describe(sources[index])}: {type(exc).__name__}: {exc}"
+
+        batches = [range(s, min(s + batch_size, len(sources))) for s in range(0, len(sources), batch_size)]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures: list[Any] = [pool.map(load, batches[0])] if batches else []
+            for number in range(len(batches)):
+                if number + 1 < len(batches):  # decode the next batch while this one runs
+                    futures.append(pool.map(load, batches[number + 1]))
+                loaded = list(futures[number])
+                futures[number] = None
+                good = [(i, a) for i, a, e in loaded if a is not None]
+                failures = [EmbedFailure(i, _describe(sources[i]), e) for i, a, e in loaded if e is not None]
+                if good:
+                    features = self.embed_arrays(np.stack([a for _, a in good]))
+                else:
+                    features = np.zeros((0, self.embedding_size), np.float32)
+                yield [i for i, _ in good], features, failures
+
+    def embed(
+        self,
+        sources: Sequence[Any],
+        *,
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+    ) -> Embedded:
+        """Embed every input; unreadable ones are collected in ``failures`` instead of raising."""
+        rows: list[np.ndarray] = []
+        indices: list[int] = []
+        failures: list[EmbedFailure] = []
+        for batch_indices, features, batch_failures in self.iter_batches(sources, batch_size=batch_size):
+            rows.append(features)
+            indices.extend(batch_indices)
+            failures.extend(batch_failures)
+            if progress is not None:
+                progress(len(batch_indices) + len(batch_failures))
+        matrix = np.concatenate(rows) if rows else np.zeros((0, self.embedding_size), np.float32)
+        return Embedded(features=matrix.astype(np.float32, copy=False), indices=indices, failures=failures)
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, np.ndarray):
+        return f"<array {list(source.shape)}>"
+    return f"<{type(source).__name__}>"
+
+
+def load_recognizer(
+    model: str | os.PathLike[str],
+    *,
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    seed: int = 0,
+    host: Any | None = None,
+) -> Recognizer:
+    """A recognizer from a bundle folder, or from a registered model name (random weights).
+
+    A path that exists (or contains a path separator) is read as a bundle; anything else is a model name.
+    """
+    from shitu.plugins import get_host
+
+    path = Path(model)
+    if path.exists() or os.sep in str(model) or str(model).startswith("."):
+        from shitu.bundle import load_bundle
+
+        bundle = load_bundle(path, host=host)
+        size = input_size or int(bundle.info.extra.get("input_size") or bundle.info.input_size)
+        return Recognizer(
+            bundle.spec,
+            bundle.model,
+            num_classes=bundle.info.num_classes,
+            input_size=size,
+            bundle=bundle,
+            config=bundle.config,
+        )
+    spec = (host or get_host()).model(str(model))
+    from shitu.config import load_config
+
+    config = load_config(spec.config)
+    classes = int(num_classes or config.get("Train.num_classes") or 1)
+    network = spec.build(classes, seed=seed)
+    network.eval()
+    return Recognizer(spec, network, num_classes=classes, input_size=input_size, config=config)
+
+
+def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last may be shorter)."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
