@@ -36,6 +36,13 @@ _LAZY = {
     "Sample": "shitu.formats",
     "SplitOptions": "shitu.formats",
     "get_host": "shitu.plugins",
+    "create_model": "shitu.predict",
+    "resolve_inputs": "shitu.predict",
+    "Predictor": "shitu.predict",
+    "FeatureResult": "shitu.predict",
+    "RandomWeightsWarning": "shitu.predict",
+    "load_recognizer": "shitu.recognizer",
+    "Recognizer": "shitu.recognizer",
 }
 
 __all__ = ["ShituError", "__version__", "hookimpl", *_LAZY]

@@ -8,7 +8,8 @@ one batch ahead of the model.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,18 @@ class EmbedFailure:
     index: int
     source: str
     message: str
+
+
+@dataclass
+class EmbeddedBatch:
+    """One batch of :meth:`Recognizer.iter_loaded`: the good inputs' positions, sources, features (and
+    decoded images when asked for), and the inputs of the batch that failed."""
+
+    indices: list[int]
+    sources: list[Any]
+    features: np.ndarray  # float32 [len(indices), embedding_size], unit rows
+    failures: list[EmbedFailure]
+    images: list[np.ndarray] | None = None  # RGB uint8 [H, W, 3] per good input, with keep_images
 
 
 @dataclass
@@ -90,63 +103,98 @@ class Recognizer:
 
     def preprocess(self, source: Any) -> np.ndarray:
         """Decode and preprocess one input into float32 [S, S, 3]; a ShituError if it cannot be read."""
+        return self.load(source)[1]
+
+    def load(self, source: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Decode one input: ``(RGB uint8 image [H, W, 3], preprocessed float32 [S, S, 3])``."""
         from shitu.data.transforms import eval_preprocess, read_image
 
         image = read_image(source, max_pixels=self.max_pixels)
-        return eval_preprocess(
+        array = eval_preprocess(
             image,
             size=self.input_size,
             mean=self.spec.mean,
             std=self.spec.std,
             interpolation=self.spec.resize_interpolation,
         )
+        return image, array
 
     def embed_arrays(self, images: np.ndarray) -> np.ndarray:
         """Preprocessed float32 [N, S, S, 3] → float32 [N, D] unit rows."""
         return self.embedder(images)
 
-    def iter_batches(
+    def iter_loaded(
         self,
-        sources: Sequence[Any],
+        sources: Iterable[Any],
         *,
         batch_size: int = 32,
         workers: int | None = None,
-    ) -> Iterator[tuple[list[int], np.ndarray, list[EmbedFailure]]]:
-        """Yield ``(indices, features, failures)`` per batch of ``sources``, in order.
+        keep_images: bool = False,
+    ) -> Iterator[EmbeddedBatch]:
+        """Embed ``sources`` batch by batch, lazily: one :class:`EmbeddedBatch` per ``batch_size`` inputs.
 
-        Inputs that cannot be read are reported as failures and skipped; the others still run.
+        ``sources`` may be any iterable (a generator is read only as far as needed: the inputs of the next
+        batch are taken and decoded in a thread pool while the model runs on the current one). Inputs that
+        cannot be read are reported as failures and skipped; the others still run. With ``keep_images`` each
+        batch also carries the decoded RGB images of its good inputs.
         """
         if batch_size < 1:
             raise ShituError(f"batch size must be at least 1, got {batch_size}")
         workers = workers or _default_workers()
 
-        def load(index: int) -> tuple[int, np.ndarray | None, str | None]:
+        def load(item: tuple[int, Any]) -> tuple[int, Any, np.ndarray | None, np.ndarray | None, str | None]:
+            index, source = item
             try:
-                return index, self.preprocess(sources[index]), None
+                image, array = self.load(source)
+                return index, source, image if keep_images else None, array, None
             except ShituError as exc:
-                return index, None, str(exc)
+                return index, source, None, None, str(exc)
             except Exception as exc:  # an input we cannot even describe must not stop the others
-                return index, None, f"{_describe(sources[index])}: {type(exc).__name__}: {exc}"
+                return index, source, None, None, f"{_describe(source)}: {type(exc).__name__}: {exc}"
 
-        batches = [range(s, min(s + batch_size, len(sources))) for s in range(0, len(sources), batch_size)]
+        chunks = iter_chunks(enumerate(sources), batch_size)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures: list[Any] = [pool.map(load, batches[0])] if batches else []
-            for number in range(len(batches)):
-                if number + 1 < len(batches):  # decode the next batch while this one runs
-                    futures.append(pool.map(load, batches[number + 1]))
-                loaded = list(futures[number])
-                futures[number] = None
-                good = [(i, a) for i, a, e in loaded if a is not None]
-                failures = [EmbedFailure(i, _describe(sources[i]), e) for i, a, e in loaded if e is not None]
+            pending: deque[Iterator[Any]] = deque()
+            first = next(chunks, None)
+            if first is not None:
+                pending.append(pool.map(load, first))
+            while pending:
+                current = pending.popleft()
+                following = next(chunks, None)
+                if following is not None:  # decode the next batch while this one runs
+                    pending.append(pool.map(load, following))
+                loaded = list(current)
+                good = [row for row in loaded if row[4] is None]
+                failures = [EmbedFailure(i, _describe(src), err) for i, src, _, _, err in loaded if err is not None]
                 if good:
-                    features = self.embed_arrays(np.stack([a for _, a in good]))
+                    features = self.embed_arrays(np.stack([row[3] for row in good]))
                 else:
                     features = np.zeros((0, self.embedding_size), np.float32)
-                yield [i for i, _ in good], features, failures
+                yield EmbeddedBatch(
+                    indices=[row[0] for row in good],
+                    sources=[row[1] for row in good],
+                    features=features,
+                    failures=failures,
+                    images=[row[2] for row in good] if keep_images else None,
+                )
+
+    def iter_batches(
+        self,
+        sources: Iterable[Any],
+        *,
+        batch_size: int = 32,
+        workers: int | None = None,
+    ) -> Iterator[tuple[list[int], np.ndarray, list[EmbedFailure]]]:
+        """Yield ``(indices, features, failures)`` per batch of ``sources``, in order (see :meth:`iter_loaded`).
+
+        Inputs that cannot be read are reported as failures and skipped; the others still run.
+        """
+        for batch in self.iter_loaded(sources, batch_size=batch_size, workers=workers):
+            yield batch.indices, batch.features, batch.failures
 
     def embed(
         self,
-        sources: Sequence[Any],
+        sources: Iterable[Any],
         *,
         batch_size: int = 32,
         progress: Callable[[int], None] | None = None,

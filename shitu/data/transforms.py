@@ -3,6 +3,14 @@
 Decoding is Pillow's (it honours the decompression-bomb limit, EXIF orientation, and turns CMYK, 16-bit,
 palette, alpha and greyscale images into RGB); resizing is OpenCV's ``INTER_LINEAR`` / ``INTER_CUBIC``, the
 same library and kernels PaddleX resizes with, so features match PaddleX's to float rounding.
+
+Normalisation is PaddleClas' ``NormalizeImage``: ``(x * float32(1/255) - mean) / std`` in float32. PaddleX 3's
+predictor computes the same thing as ``x * (scale/std) + (-mean/std)``, and ``x / 255`` instead of
+``x * (1/255)`` differs in the last bit for about half of the 256 byte values: the three agree to ~1e-6, not
+bit for bit.
+
+An ``http://`` or ``https://`` string is fetched with :mod:`urllib` (timeout :data:`URL_TIMEOUT` seconds, at
+most :data:`MAX_URL_BYTES` bytes) and decoded like a file.
 """
 
 from __future__ import annotations
@@ -18,8 +26,43 @@ import numpy as np
 from shitu.data.images import DEFAULT_MAX_PIXELS
 from shitu.errors import ShituError
 
-#: What an image input may be: a path, raw encoded bytes, a PIL image or an RGB uint8 array [H, W, 3].
+#: What an image input may be: a path, an http(s) URL, raw encoded bytes, a PIL image or an RGB uint8 array
+#: [H, W, 3] (greyscale [H, W] and RGBA [H, W, 4] are accepted too).
 ImageInput = Any
+
+#: Seconds to wait for a URL to answer (connect and each read).
+URL_TIMEOUT = 15.0
+#: The largest download accepted for one image URL.
+MAX_URL_BYTES = 64 * 1024 * 1024
+
+
+def is_url(source: Any) -> bool:
+    """Whether ``source`` is an ``http://`` or ``https://`` URL string."""
+    return isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
+
+
+def fetch_url(url: str, *, timeout: float = URL_TIMEOUT, max_bytes: int = MAX_URL_BYTES) -> bytes:
+    """The body of ``url``; a one-line ShituError naming the URL if it cannot be fetched in ``timeout`` s."""
+    import urllib.error
+    import urllib.request
+
+    from shitu import __version__
+
+    request = urllib.request.Request(url, headers={"User-Agent": f"shitu/{__version__}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as exc:
+        raise ShituError(f"cannot fetch: HTTP {exc.code} {exc.reason}", path=url) from None
+    except urllib.error.URLError as exc:
+        raise ShituError(f"cannot fetch: {exc.reason}", path=url) from None
+    except TimeoutError:
+        raise ShituError(f"cannot fetch: no answer within {timeout:g} s", path=url) from None
+    except (OSError, ValueError) as exc:
+        raise ShituError(f"cannot fetch: {exc}", path=url) from None
+    if len(data) > max_bytes:
+        raise ShituError(f"cannot fetch: larger than {max_bytes} bytes", path=url)
+    return data
 
 
 def _interpolation(name: str) -> int:
@@ -39,10 +82,17 @@ def _interpolation(name: str) -> int:
 
 
 def pil_to_rgb(image: Any) -> np.ndarray:
-    """A PIL image, EXIF-rotated, as an RGB uint8 array [H, W, 3] (16-bit is scaled down, alpha dropped)."""
+    """A PIL image, EXIF-rotated, as an RGB uint8 array [H, W, 3].
+
+    16-bit greyscale is scaled to 8 bits (``round(v * 255 / 65535)``; OpenCV's ``imread`` shifts by 8 bits,
+    at most one level apart); 16-bit RGB is reduced by Pillow on opening. Alpha is dropped, not composited
+    (as ``cv2.imread(IMREAD_COLOR)`` in PaddleX). Float ("F") images in [0, 1] are scaled by 255.
+    """
     from PIL import ImageOps
 
     image = ImageOps.exif_transpose(image) or image
+    if image.mode == "F":
+        return _check_array(np.asarray(image, dtype=np.float32))
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
@@ -54,16 +104,22 @@ def pil_to_rgb(image: Any) -> np.ndarray:
 
 
 def read_image(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode ``source`` into an RGB uint8 array [H, W, 3]; a ShituError naming the file if it cannot be."""
+    """Decode ``source`` into an RGB uint8 array [H, W, 3]; a ShituError naming the file if it cannot be.
+
+    Arrays are taken as RGB (not OpenCV's BGR); float arrays with values in [0, 1] are scaled by 255.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, np.ndarray):
         return _check_array(source)
     if isinstance(source, Image.Image):
         return pil_to_rgb(source)
-    label: Path | None = None
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        opener: Any = io.BytesIO(bytes(source))
+    label: Any = None
+    if is_url(source):
+        label = source
+        opener: Any = io.BytesIO(fetch_url(source))
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        opener = io.BytesIO(bytes(source))
     elif isinstance(source, (str, os.PathLike)):
         label = Path(source)
         opener = label
@@ -85,6 +141,8 @@ def read_image(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
         raise ShituError("image file not found", path=label) from None
     except IsADirectoryError:
         raise ShituError("is a directory, not an image", path=label) from None
+    except PermissionError:
+        raise ShituError("permission denied", path=label) from None
     except UnidentifiedImageError:
         raise ShituError("not an image file (or an unsupported format)", path=label) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

@@ -1,0 +1,191 @@
+"""``shitu predict``: unit-length features of images (PaddleX's ``Global.mode=predict``), optionally searched."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from shitu.cli._options import JsonOption
+from shitu.cli._output import Output
+from shitu.errors import ShituError
+
+#: Rows of the summary table shown to people (all results still go to the files asked for).
+MAX_TABLE_ROWS = 50
+
+
+def predict(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="INPUT...",
+            help="Image files, folders (recursive), globs ('photos/**/*.jpg'), .txt/.lst lists of paths "
+            "(one per line, relative to the list), http(s) URLs, or '-' to read paths from stdin.",
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="A model name: its installed bundle (in shitu's cache, models/NAME), else RANDOM weights.",
+        ),
+    ] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option("--model-dir", help="A model bundle folder (shitu import-weights / train).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model call.")] = 8,
+    input_size: Annotated[
+        int | None, typer.Option("--input-size", min=8, help="Resize to this size (default: the model's).")
+    ] = None,
+    save_dir: Annotated[
+        Path | None,
+        typer.Option("--save-dir", help="Write <stem>_res.json per image here (PaddleX's save_to_json)."),
+    ] = None,
+    save_img: Annotated[
+        Path | None,
+        typer.Option("--save-img", help="Write <stem>_res.<ext> per image here: the image (and its matches)."),
+    ] = None,
+    npy: Annotated[
+        Path | None,
+        typer.Option("--npy", help="Write all features as one float32 [N, D] .npy matrix and FILE.paths.txt."),
+    ] = None,
+    index: Annotated[
+        Path | None, typer.Option("--index", help="Search each feature in this retrieval index (shitu index).")
+    ] = None,
+    topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="Matches per image with --index.")] = 5,
+    json: JsonOption = False,
+) -> int:
+    """Compute the feature of every input image: float32, unit length (e.g. 512-d).
+
+    --json: one line per image on stdout, {"input_path", "page_index": null, "feature": [...]} (+ "hits" with --index).
+
+    An input that cannot be read (or resolves to nothing) is one error line on stderr; the others still run; exit 1.
+
+    --save-dir names files as PaddleX (<stem>_res.json); a repeated stem becomes <stem>_2_res.json, ... in input order.
+
+    --npy writes the features of the images that worked, in input order, and their paths in FILE.paths.txt.
+    """
+    from rich.markup import escape
+
+    from shitu.predict import RandomWeightsWarning, UniqueNames, create_model, resolve_inputs, write_feature_matrix
+    from shitu.runtime import configure_jax
+
+    out = Output(json)
+    if (model is None) == (model_dir is None):
+        raise ShituError("give either --model NAME or --model-dir BUNDLE")
+    problems: list[str] = []
+    paths = resolve_inputs(inputs, stdin=sys.stdin, problems=problems)
+    for problem in problems:
+        out.problem("error", problem)
+    if not paths:
+        raise ShituError("no images to predict" + (" (see the errors above)" if problems else ""))
+
+    configure_jax()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RandomWeightsWarning)
+        chosen: str | Path = model_dir if model_dir is not None else str(model)
+        predictor = create_model(chosen, index=index, input_size=input_size, topk=topk)
+    for warning in caught:
+        if issubclass(warning.category, RandomWeightsWarning):
+            out.console.print(f"[bold red]warning:[/] {escape(str(warning.message))}")
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    out.info(_model_line(predictor))
+
+    failures: list[Any] = []
+    features: list[Any] = []
+    feature_paths: list[str | None] = []
+    rows: list[tuple[str, Any, Any]] = []  # the first MAX_TABLE_ROWS results, for the summary table
+    json_names = UniqueNames()
+    image_names = UniqueNames()
+    done = 0
+
+    def save(result: Any, default: Path, names: Any, writer: Any) -> None:
+        target = names(default)
+        if target != default:
+            out.warning(f"{result['input_path']}: saved as {target.name} ({default.name} is another input's)")
+        writer(target)
+
+    with out.progress() as progress:
+
+        def failed(failure: Any) -> None:
+            failures.append(failure)
+            out.problem("error", failure.message)
+            progress("embedding", 1, len(paths))
+
+        for result in predictor.predict(paths, batch_size=batch_size, on_failure=failed):
+            done += 1
+            progress("embedding", 1, len(paths))
+            out.emit(result.json["res"])
+            if save_dir is not None:
+                save(result, result.json_path(save_dir), json_names, result.save_to_json)
+            if save_img is not None:
+                save(result, result.img_path(save_img), image_names, result.save_to_img)
+            if npy is not None:
+                features.append(result["feature"])
+                feature_paths.append(result["input_path"])
+            if len(rows) < MAX_TABLE_ROWS:
+                rows.append((str(result["input_path"]), result["feature"], result.get("hits")))
+
+    if npy is not None:
+        import numpy as np
+
+        dim = predictor.recognizer.embedding_size
+        matrix = np.stack(features) if features else np.zeros((0, dim), np.float32)
+        listing = write_feature_matrix(npy, matrix, feature_paths)
+        out.info(f"features: {escape(str(npy))} {list(matrix.shape)}, paths: {escape(str(listing))}")
+    _render(out, rows, done)
+    if save_dir is not None:
+        out.info(f"results: {escape(str(save_dir))}")
+    if save_img is not None:
+        out.info(f"pictures: {escape(str(save_img))}")
+    failed_count = len(failures) + len(problems)
+    summary = f"{done} of {len(paths)} images embedded"
+    if failed_count:
+        out.info(f"[red]{summary}; {failed_count} failed[/]")
+        return 1
+    out.info(f"[green]{summary}[/]")
+    return 0
+
+
+def _model_line(predictor: Any) -> str:
+    from rich.markup import escape
+
+    info = predictor.describe()
+    source = f"bundle {info['bundle']}" if info.get("bundle") else "random weights"
+    return escape(f"model {info['model']} ({source}), input {info['input_size']} px, {info['embedding_size']}-d")
+
+
+def _render(out: Output, rows: list[tuple[str, Any, Any]], total: int) -> None:
+    """The summary table (first rows only) on stderr, for people."""
+    import numpy as np
+    from rich.markup import escape
+    from rich.table import Table
+
+    if out.json_mode or not rows:
+        return
+    with_hits = any(hits is not None for _, _, hits in rows)
+    table = Table(title_justify="left")
+    table.add_column("input", overflow="fold")
+    table.add_column("norm", justify="right")
+    table.add_column("first values")
+    if with_hits:
+        table.add_column("best match", overflow="fold")
+    for path, feature, hits in rows:
+        values = " ".join(f"{v:+.4f}" for v in np.asarray(feature)[: 2 if with_hits else 4])
+        cells = [escape(path), f"{float(np.linalg.norm(feature)):.5f}", values + " …"]
+        if with_hits:
+            best = hits[0] if hits else None
+            cells.append(escape(f"label {best.label} {best.score:.3f} {Path(best.path).name}") if best else "-")
+        table.add_row(*cells)
+    out.render(table)
+    if total > len(rows):
+        out.info(f"… and {total - len(rows)} more (--json, --save-dir or --npy give them all)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict)
