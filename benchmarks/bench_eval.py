@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Speed and memory of ``shitu.evaluation.metrics.retrieval_metrics`` (exact mode) on synthetic features.
+
+Every case runs in its own child process (fresh memory accounting): the child makes the features, resets the
+kernel's peak-RSS mark (``/proc/self/clear_refs``), times the metric computation alone, and reports the peak RSS
+reached during it next to the RSS held before it (the features themselves).
+
+Cases (512-d float32 unit vectors, 4 gallery images per class, queries of random classes, 5% of the query
+classes absent from the gallery):
+
+- ``shitu`` at N queries x N gallery (default 100,000), "planted" features: each image is its class centre plus
+  noise (same-class cosine about 0.18, near the best of 100k random neighbours), like a trained model;
+- ``shitu`` and the naive full-matrix numpy at 20,000 x 20,000 (one q·gᵀ matrix, one stable argsort of every
+  row), side by side, with the ratio; both must give the same numbers;
+- the floor: the same float32 q·gᵀ block matmuls alone (what any exact method must compute), at 20,000 x 20,000;
+- ``shitu`` at 20,000 x 20,000 on "no-signal" features (pure noise, an untrained model): the costly case for
+  exact mAP, where most of every row outranks some positive.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_eval.py                # about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_eval.py --size 20000 --naive-size 5000   # quick
+
+The markdown table goes to stdout; progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DIM = 512
+PER_CLASS = 4
+ABSENT_FRACTION = 0.05
+NOISE = 0.094  # per-dimension noise: same-class cosine ~ 1 / (1 + 512·σ²) ≈ 0.18
+TOPK = (1, 5, 10)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def machine_line() -> str:
+    import numpy as np
+
+    model_from_proc: str | None = None
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model_from_proc is None:
+                model_from_proc = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    model = model_from_proc or platform.processor() or "unknown CPU"
+    logical = os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    blas = "?"
+    try:
+        config = np.show_config(mode="dicts")
+        info = config["Build Dependencies"]["blas"]
+        blas = f"{info.get('name', '?')} {info.get('version', '')}".strip()
+    except Exception:  # numpy < 1.25 or an unusual build: only the name is lost
+        pass
+    avx = ", ".join(f"{name} {'yes' if f' {name} ' in f'{flags} ' else 'no'}" for name in ("avx2", "avx512f"))
+    return (
+        f"{model}, {usable} usable cores ({logical} logical), {avx}, Python {platform.python_version()}, "
+        f"numpy {np.__version__} ({blas}), {platform.system()} {platform.release()}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ child side
+
+
+def make_features(n_query: int, n_gallery: int, *, signal: bool, seed: int = 0):
+    """Unit float32 features and int64 labels, made in chunks so no float64 copy of the data ever exists."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    classes = max(1, n_gallery // PER_CLASS)
+    absent = max(1, round(classes * ABSENT_FRACTION / (1 - ABSENT_FRACTION)))
+    centres = rng.standard_normal((classes + absent, DIM), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    gallery_labels = np.arange(n_gallery, dtype=np.int64) % classes
+    query_labels = rng.integers(0, classes + absent, n_query)
+
+    def build(labels: np.ndarray) -> np.ndarray:
+        out = np.empty((len(labels), DIM), np.float32)
+        for start in range(0, len(labels), 8192):
+            part = rng.standard_normal((min(8192, len(labels) - start), DIM), dtype=np.float32)
+            if signal:
+                part *= np.float32(NOISE)
+                part += centres[labels[start : start + len(part)]]
+            part /= np.linalg.norm(part, axis=1, keepdims=True)
+            out[start : start + len(part)] = part
+        return out
+
+    return build(query_labels), query_labels, build(gallery_labels), gallery_labels
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def naive_metrics(q, ql, g, gl, topk):
+    """The obvious implementation: the whole similarity matrix and a full stable sort of every row."""
+    import numpy as np
+
+    sims = q @ g.T
+    np.negative(sims, out=sims)
+    order = np.argsort(sims, axis=1, kind="stable")
+    del sims
+    hits = gl.astype(np.int32)[order] == ql.astype(np.int32)[:, None]
+    del order
+    rows, positions = np.nonzero(hits)  # row-major: each row's hits in rank order
+    del hits
+    positions = positions + 1
+    counts = np.bincount(rows, minlength=len(q))
+    first_of_row = np.cumsum(counts) - counts
+    found = np.arange(len(rows)) - first_of_row[rows] + 1
+    relevant = counts > 0
+    ap = np.zeros(len(q))
+    np.add.at(ap, rows, found / positions)
+    ap[relevant] /= counts[relevant]
+    first = np.zeros(len(q), np.int64)
+    first[relevant] = positions[first_of_row[relevant]]
+    n = int(relevant.sum())
+    result = {f"recall{k}": float(((first > 0) & (first <= k)).sum() / n) for k in topk}
+    result["mAP"] = float(ap[relevant].mean())
+    return result
+
+
+def child(case: str, n: int) -> None:
+    import numpy as np
+
+    signal = case != "shitu-nosignal"
+    started = time.perf_counter()
+    q, ql, g, gl = make_features(n, n, signal=signal)
+    made = time.perf_counter() - started
+    before = _rss_kib("VmRSS")
+    exact_peak = _reset_peak()
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    if case == "naive":
+        metrics = naive_metrics(q, ql, g, gl, TOPK)
+        without = int((~np.isin(ql, gl)).sum())
+    elif case == "matmul":
+        from shitu.evaluation import metrics as engine
+
+        rows = max(1, engine._SIMILARITY_BLOCK_BYTES // (4 * len(g)))
+        block = np.empty((rows, len(g)), np.float32)
+        for start in range(0, len(q), rows):
+            part = q[start : start + rows]
+            np.matmul(part, g.T, out=block[: len(part)])
+        metrics = {}
+        without = 0
+    else:
+        from shitu.evaluation.metrics import retrieval_metrics
+
+        result = retrieval_metrics(q, ql, g, gl, topk=TOPK)
+        metrics = result.headline()
+        without = result.num_queries_without_positive
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
+    peak = _rss_kib("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "case": case,
+                "n": n,
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "make_seconds": made,
+                "rss_before_mib": (before or 0) / 1024,
+                "peak_rss_mib": (peak or 0) / 1024,
+                "peak_is_during_metrics": exact_peak,
+                "metrics": metrics,
+                "queries_without_positive": without,
+            }
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------------------ parent side
+
+
+def run_case(case: str, n: int) -> dict:
+    log(f"running {case} at {n:,} x {n:,} ...")
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", case, "--size", str(n)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{case} at {n} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    log(f"  {result['seconds']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB ({result['metrics']})")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--size", type=int, default=100_000, help="queries = gallery images of the large case")
+    parser.add_argument("--naive-size", type=int, default=20_000, help="size of the side-by-side cases")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.size)
+        return
+
+    log(machine_line())
+    load_before = os.getloadavg()
+    large = run_case("shitu", args.size)
+    small = run_case("shitu", args.naive_size)
+    naive = run_case("naive", args.naive_size)
+    floor = run_case("matmul", args.naive_size)
+    nosignal = run_case("shitu-nosignal", args.naive_size)
+    load_after = os.getloadavg()
+
+    same = all(abs(small["metrics"][k] - naive["metrics"][k]) <= 1e-9 for k in naive["metrics"])
+    print(f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    print(f"- Machine: {machine_line()}")
+    print(f"- Load average before {' '.join(f'{x:.2f}' for x in load_before)}, after "
+          f"{' '.join(f'{x:.2f}' for x in load_after)}")  # fmt: skip
+    print()
+    print("| case | queries x gallery | features | metric s | CPU s | RSS before (features) MiB | peak RSS MiB | "
+          "recall@1 | recall@5 | mAP |")  # fmt: skip
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = (
+        ("shitu exact", large, "planted"),
+        ("shitu exact", small, "planted"),
+        ("naive full matrix + full sort", naive, "planted"),
+        ("floor: the block matmuls alone", floor, "planted"),
+        ("shitu exact", nosignal, "no signal"),
+    )
+    for name, r, kind in rows:
+        m = {key: f"{value:.5f}" for key, value in r["metrics"].items()} or dict.fromkeys(
+            ("recall1", "recall5", "mAP"), ""
+        )
+        print(
+            f"| {name} | {r['n']:,} x {r['n']:,} | {kind} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+            f"{r['rss_before_mib']:.0f} | {r['peak_rss_mib']:.0f} | {m['recall1']} | {m['recall5']} | {m['mAP']} |"
+        )
+    print()
+    print(
+        f"At {args.naive_size:,} x {args.naive_size:,}: shitu {small['seconds']:.1f} s vs naive "
+        f"{naive['seconds']:.1f} s = {naive['seconds'] / small['seconds']:.1f}x faster; peak RSS "
+        f"{small['peak_rss_mib']:.0f} vs {naive['peak_rss_mib']:.0f} MiB; same metrics: {'yes' if same else 'NO'}. "
+        f"Queries without a positive (large case): {large['queries_without_positive']:,}. The matmul floor is "
+        f"{floor['cpu_seconds'] / small['cpu_seconds']:.0%} of shitu's CPU time at that size."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""``shitu eval``: Recall@k and mAP of a model on a dataset's query and gallery lists (PaddleX's evaluate)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from shitu.cli._options import JsonOption, OverrideOption
+from shitu.cli._output import Output
+from shitu.errors import ShituError
+
+if TYPE_CHECKING:
+    from shitu.config import Config
+
+MAX_CONFUSED_PAIRS = 10
+
+
+def eval_command(
+    model_dir: Annotated[
+        Path | None, typer.Option("--model-dir", help="Model bundle to evaluate (from train or import-weights).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="A registered model with RANDOM weights (smoke tests only).")
+    ] = None,
+    dataset: Annotated[
+        Path | None,
+        typer.Option("--dataset", help="ShiTuRecDataset root with gallery.txt and query.txt (or Global.dataset_dir)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Folder for evaluate_result.json (default: Global.output).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Images per forward (default: Evaluate.batch_size).")
+    ] = None,
+    topk: Annotated[str, typer.Option("--topk", metavar="K,K,...", help="Recall@k to report, e.g. 1,5,10.")] = "1,5",
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="exact: global ratios; paddlex: PaddleClas' per-block averaging (Evaluate.sim_block_size).",
+        ),
+    ] = "exact",
+    per_class: Annotated[
+        bool, typer.Option("--per-class", help="Also show recall@1 per class and the most confused classes.")
+    ] = False,
+    examples: Annotated[
+        int, typer.Option("--examples", min=0, help="Draw N queries with their top-5 matches (OUTPUT/examples.png).")
+    ] = 0,
+    input_size: Annotated[
+        int | None, typer.Option("--input-size", min=8, help="Input resolution (default: the model's).")
+    ] = None,
+    override: OverrideOption = None,
+    json: JsonOption = False,
+) -> int:
+    """Evaluate a model: embed gallery.txt and query.txt, then Recall@k and mAP (cosine similarity).
+
+    Writes OUTPUT/evaluate_result.json as PaddleX: {"done_flag": true, "metrics": {"recall1", "recall5",
+    "mAP"}} with the rest (all k, counts, per-class) under "details". A bad list line or an unreadable image is
+    an error naming the list file and line: no image is skipped.
+    """
+    from shitu.evaluation.evaluate import evaluate_dataset, read_eval_lists, write_evaluate_result
+    from shitu.evaluation.metrics import MODES
+    from shitu.recognizer import load_recognizer
+    from shitu.runtime import configure_jax
+
+    out = Output(json)
+    if (model_dir is None) == (model is None):
+        raise ShituError("give either --model-dir BUNDLE or --model NAME")
+    if mode not in MODES:
+        raise ShituError(f"unknown --mode {mode!r} (choose from {', '.join(MODES)})")
+    ks = _parse_topk(topk)
+    overrides = list(override or [])
+    config = _load_config(model_dir, model, overrides)
+    dataset_dir = dataset if dataset is not None else config.get("Global.dataset_dir", None)
+    if dataset_dir is None:
+        raise ShituError("no dataset: give --dataset DIR (or -o Global.dataset_dir=DIR)")
+    read_eval_lists(Path(dataset_dir))  # a bad list line fails here, before the model is loaded
+    output_dir = Path(output if output is not None else config.get("Global.output", "output"))
+    size = input_size if input_size is not None else _override_value(overrides, "Train.input_size", config)
+    if model is not None:
+        out.warning(f"{model} has RANDOM weights: these metrics only show that the pipeline runs")
+
+    configure_jax()
+    recognizer = load_recognizer(model_dir if model_dir is not None else str(model), input_size=size)
+    with out.progress() as progress:
+        result = evaluate_dataset(
+            recognizer,
+            Path(dataset_dir),
+            batch_size=batch_size or int(config.get("Evaluate.batch_size", 64)),
+            topk=ks,
+            mode=mode,
+            progress=progress,
+            examples=(output_dir / "examples.png", examples) if examples else None,
+            sim_block_size=int(config.get("Evaluate.sim_block_size", 64)),
+            per_class=per_class,
+            confusion_pairs=MAX_CONFUSED_PAIRS if per_class else 0,
+        )
+    details = result.to_json()
+    written = write_evaluate_result(output_dir, result.metrics, details)
+    for warning in result.warnings:
+        out.warning(warning)
+    out.emit({"done_flag": True, "metrics": _paddlex_metrics(result.metrics), "details": details, "output": written})
+    _render(out, result, ks, per_class)
+    out.info(f"results: {written}")
+    if result.examples is not None:
+        out.info(f"examples: {result.examples}")
+    return 0
+
+
+def _parse_topk(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(k < 1 for k in values):
+        raise ShituError(f"--topk must be positive integers separated by commas, e.g. 1,5,10 (got {text!r})")
+    return sorted(set(values))
+
+
+def _load_config(model_dir: Path | None, model: str | None, overrides: list[str]) -> Config:
+    """The bundle's config (or its model's), or the named model's, with ``-o`` overrides applied."""
+    from shitu.bundle import CONFIG_FILE, read_bundle_info
+    from shitu.config import load_config
+
+    if model_dir is None:
+        return load_config(str(model), overrides)
+    if (model_dir / CONFIG_FILE).is_file():
+        return load_config(model_dir / CONFIG_FILE, overrides)
+    return load_config(read_bundle_info(model_dir).model, overrides)
+
+
+def _override_value(overrides: list[str], key: str, config: Config) -> Any:
+    """The config value of ``key`` when an override set it explicitly, else None (the model's default)."""
+    if any(item.split("=", 1)[0].strip() == key for item in overrides):
+        return config.get(key)
+    return None
+
+
+def _paddlex_metrics(metrics: Any) -> dict[str, Any]:
+    from shitu.evaluation.evaluate import evaluate_result_document
+
+    return evaluate_result_document(metrics)["metrics"]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.5f}"
+
+
+def _render(out: Output, result: Any, ks: list[int], per_class: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    metrics = result.metrics
+    title = f"{escape(str(result.recognizer.get('model', 'model')))} on {escape(str(result.dataset_dir))}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in ks:
+        table.add_row(f"recall@{k}", _fmt(metrics.recall[k]))
+    table.add_row("mAP", _fmt(metrics.mAP))
+    out.render(table)
+    without = metrics.num_queries_without_positive
+    mode = f"mode {metrics.mode}" + (f", blocks of {metrics.sim_block_size}" if metrics.sim_block_size else "")
+    out.info(
+        f"{metrics.num_queries} queries against {metrics.num_gallery} gallery images ({mode}); "
+        f"{without} queries have no image of their class in the gallery"
+        + (" and are left out of every metric" if without and metrics.mode == "exact" else "")
+    )
+    if per_class and metrics.per_class is not None:
+        classes = Table(title="recall@1 per class (worst first)", title_justify="left")
+        for column in ("class", "queries", "hits", "recall@1"):
+            classes.add_column(column, justify="right")
+        for c in sorted(metrics.per_class, key=lambda c: (c.recall1, c.label)):
+            classes.add_row(str(c.label), str(c.queries), str(c.hits), _fmt(c.recall1))
+        out.render(classes)
+        if metrics.confused_pairs:
+            pairs = Table(title="most confused (query class → wrong top-1 class)", title_justify="left")
+            for column in ("query class", "top-1 class", "queries"):
+                pairs.add_column(column, justify="right")
+            for p in metrics.confused_pairs:
+                pairs.add_row(str(p.query_label), str(p.predicted_label), str(p.count))
+            out.render(pairs)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
