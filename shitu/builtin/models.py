@@ -23,6 +23,7 @@ PP_SHITUV2_REC = ModelSpec(
     paddle_importer="shitu.models.pplcnetv2:import_paddle_state",
     paddle_arch="shitu.builtin.models:pplcnet_arch_for_state",
     config="PP-ShiTuV2_rec",
+    loss="shitu.train.losses:pplcnet_loss",
 )
 
 # PaddleClas trains and evaluates the CLIP models with bicubic resizing, but PaddleX's predictor resizes
@@ -33,6 +34,7 @@ CLIP_VIT_BASE = ModelSpec(
     builder="shitu.models.vit:build_clip_vit_base",
     paddle_importer="shitu.models.vit:import_paddle_state",
     config="PP-ShiTuV2_rec_CLIP_vit_base",
+    loss="shitu.train.losses:clip_loss",
 )
 
 CLIP_VIT_LARGE = ModelSpec(
@@ -41,6 +43,7 @@ CLIP_VIT_LARGE = ModelSpec(
     builder="shitu.models.vit:build_clip_vit_large",
     paddle_importer="shitu.models.vit:import_paddle_state",
     config="PP-ShiTuV2_rec_CLIP_vit_large",
+    loss="shitu.train.losses:clip_loss",
 )
 
 
