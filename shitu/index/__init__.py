@@ -1,0 +1,30 @@
+"""Retrieval index: stored features with labels and paths, searched by cosine similarity (usearch HNSW).
+
+See :mod:`shitu.index.core` for the folder layout and the guarantees.
+"""
+
+from __future__ import annotations
+
+from shitu.index.core import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    Hit,
+    Item,
+    RetrievalIndex,
+    build_index,
+    open_index,
+    vote,
+)
+
+__all__ = [
+    "DTYPES",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Hit",
+    "Item",
+    "RetrievalIndex",
+    "build_index",
+    "open_index",
+    "vote",
+]

@@ -1,0 +1,520 @@
+"""A retrieval index: unit feature vectors in a usearch HNSW graph, with a label and a path per vector.
+
+Layout of an index folder::
+
+    INDEX_DIR/
+      index.usearch   the usearch index (cosine metric; vectors stored as f32, f16 or i8), keyed by integer keys
+      items.jsonl     one line per vector: {"key": int, "label": int, "path": str}, in key order
+      index.json      format name and version, dim, dtype, metric, count, the recognizer it was built with,
+                      HNSW parameters, versions, and the SHA-256 of the two files above
+
+The folder is written as a unit (in a temporary sibling, then renamed into place), so a reader only ever sees
+the old or the new index. :func:`open_index` checks the checksums and that the three files agree, and turns
+anything wrong into one :class:`~shitu.errors.ShituError` that names the file.
+
+Scores are cosine similarities (``1 - usearch's cosine distance``): larger is closer, 1 for the same direction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shitu.errors import ShituError
+
+INDEX_FILE = "index.usearch"
+ITEMS_FILE = "items.jsonl"
+INFO_FILE = "index.json"
+FORMAT = "shitu-retrieval-index"
+FORMAT_VERSION = 1
+DTYPES = ("f32", "f16", "i8")
+METRICS = ("cos",)
+#: Keys the recognizer description must agree on for query features to be comparable with the stored ones.
+RECOGNIZER_KEYS = ("model", "embedding_size", "input_size")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the stored item and its cosine similarity to the query (larger = closer)."""
+
+    key: int
+    label: int
+    path: str
+    score: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "label": self.label, "path": self.path, "score": self.score}
+
+
+@dataclass(frozen=True)
+class Item:
+    """What the index knows about a stored vector besides the vector itself."""
+
+    key: int
+    label: int
+    path: str
+
+
+def vote(hits: Sequence[Hit]) -> tuple[int | None, float]:
+    """The label whose hits have the largest sum of scores, and the best score among that label's hits.
+
+    Ties (equal sums) go to the label of the higher-ranked hit, so the result does not depend on label
+    values. ``(None, 0.0)`` when there are no hits.
+    """
+    sums: dict[int, float] = {}
+    best: dict[int, float] = {}
+    first_rank: dict[int, int] = {}
+    for rank, hit in enumerate(hits):
+        sums[hit.label] = sums.get(hit.label, 0.0) + hit.score
+        best[hit.label] = max(best.get(hit.label, -np.inf), hit.score)
+        first_rank.setdefault(hit.label, rank)
+    if not sums:
+        return None, 0.0
+    label = min(sums, key=lambda lab: (-sums[lab], first_rank[lab]))
+    return label, float(best[label])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _as_matrix(features: Any, dim: int | None, *, what: str) -> np.ndarray:
+    """``features`` as C-contiguous float32 [N, D] (a single vector becomes one row); checks D and finiteness."""
+    matrix = np.asarray(features, dtype=np.float32)
+    if matrix.ndim == 1:
+        matrix = matrix[None, :]
+    if matrix.ndim != 2:
+        raise ShituError(f"{what} must be a [N, D] matrix, got shape {list(matrix.shape)}")
+    if dim is not None and matrix.shape[1] != dim:
+        raise ShituError(f"{what} have {matrix.shape[1]} dimensions, the index holds {dim}-dimensional vectors")
+    if matrix.size and not np.isfinite(matrix).all():
+        raise ShituError(f"{what} contain NaN or infinite values")
+    return np.ascontiguousarray(matrix)
+
+
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero). Cosine does not care, but i8 storage needs [-1, 1]."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+
+
+def _recognizer_mismatch(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:
+    """Why features of ``given`` cannot be searched in an index built with ``recorded``, or None."""
+    for key in RECOGNIZER_KEYS:
+        if recorded.get(key) is not None and given.get(key) is not None and recorded[key] != given[key]:
+            return f"the index was built with {key} {recorded[key]!r}, the recognizer has {given[key]!r}"
+    return None
+
+
+class RetrievalIndex:
+    """Vectors with labels and paths, searchable by cosine similarity; see the module docstring for the files.
+
+    Build one with :func:`build_index` or read one with :func:`open_index`. :meth:`add` and :meth:`remove`
+    change the index in memory; :meth:`save` writes it (as a unit).
+    """
+
+    def __init__(self, usearch_index: Any, items: Mapping[int, Item], info: Mapping[str, Any], path: Path | None):
+        self._index = usearch_index
+        self._items: dict[int, Item] = dict(items)
+        self._info: dict[str, Any] = dict(info)
+        self.path = path
+        self._on_disk: str | None = None  # SHA-256 of index.json as read, to detect a change by someone else
+
+    # -- description --------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return int(self._info["dim"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self._info["dtype"])
+
+    @property
+    def metric(self) -> str:
+        return str(self._info["metric"])
+
+    @property
+    def recognizer(self) -> dict[str, Any]:
+        """The description of the recognizer the stored features came from (model, embedding_size, ...)."""
+        return dict(self._info.get("recognizer") or {})
+
+    @property
+    def items(self) -> list[Item]:
+        """Every stored item, in key order."""
+        return [self._items[key] for key in sorted(self._items)]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """index.json's content for the current state (without the file checksums), plus path and labels."""
+        doc = {k: v for k, v in self._info.items() if k != "files"}
+        doc["count"] = len(self)
+        doc["num_labels"] = len({item.label for item in self._items.values()})
+        doc["path"] = str(self.path) if self.path is not None else None
+        return doc
+
+    def check_recognizer(self, description: Mapping[str, Any]) -> None:
+        """Raise a ShituError (naming index.json) when features of ``description``'s recognizer cannot be
+        compared with the stored ones (another model, embedding size or input size)."""
+        problem = _recognizer_mismatch(self.recognizer, description)
+        if problem is not None:
+            where = self.path / INFO_FILE if self.path is not None else None
+            raise ShituError(problem, path=where, hint="search with the model the index was built with, or rebuild")
+
+    # -- search -------------------------------------------------------------------------------------
+    def search(self, features: Any, k: int = 5, exact: bool = False) -> list[list[Hit]]:
+        """The ``k`` nearest stored items of each query row, best first: one list per row (also for a
+        single 1-D vector, which counts as one row). ``exact`` compares with every stored vector (brute
+        force through usearch, in the storage dtype) instead of walking the HNSW graph. Lists are shorter
+        than ``k`` when the index holds fewer items. Equal scores are ordered by key."""
+        if k < 1:
+            raise ShituError(f"k must be at least 1, got {k}")
+        queries = _unit_rows(_as_matrix(features, self.dim, what="query features"))
+        if not len(queries) or not len(self):
+            return [[] for _ in range(len(queries))]
+        matches = self._index.search(queries, min(k, len(self)), exact=exact)
+        # usearch answers one query with 1-D arrays and several with 2-D ones: make both 2-D.
+        keys = np.atleast_2d(np.asarray(matches.keys))
+        scores = np.float32(1.0) - np.atleast_2d(np.asarray(matches.distances, dtype=np.float32))  # cosine
+        counts = np.atleast_1d(np.asarray(matches.counts if hasattr(matches, "counts") else [keys.shape[1]]))
+        results: list[list[Hit]] = []
+        for row in range(len(queries)):
+            hits = []
+            found = zip(keys[row, : counts[row]].tolist(), scores[row, : counts[row]].tolist(), strict=True)
+            for key, score in found:
+                item = self._items.get(int(key))
+                if item is not None:  # never happens for a consistent index; skip rather than invent
+                    hits.append(Hit(item.key, item.label, item.path, float(score)))
+            hits.sort(key=lambda hit: (-hit.score, hit.key))
+            results.append(hits)
+        return results
+
+    vote = staticmethod(vote)
+
+    # -- changes ------------------------------------------------------------------------------------
+    def add(self, features: Any, labels: Sequence[int], paths: Sequence[str]) -> list[int]:
+        """Add one vector per row with its label and path under new keys (never reused); returns the keys."""
+        matrix = _as_matrix(features, self.dim, what="features")
+        if not len(matrix) == len(labels) == len(paths):
+            raise ShituError(f"{len(matrix)} feature rows but {len(labels)} labels and {len(paths)} paths")
+        if not len(matrix):
+            return []
+        start = int(self._info.get("next_key", 0))
+        keys = np.arange(start, start + len(matrix), dtype=np.uint64)
+        self._index.add(keys, _unit_rows(matrix))
+        for key, label, path in zip(keys.tolist(), labels, paths, strict=True):
+            self._items[key] = Item(int(key), int(label), str(path))
+        self._info["next_key"] = start + len(matrix)
+        self._info["count"] = len(self)
+        return keys.astype(np.int64).tolist()
+
+    def keys_for(self, keys_or_paths: Iterable[int | str | os.PathLike[str]]) -> list[int]:
+        """The keys named by ``keys_or_paths``: an int (or a string of digits that is a stored key) is a key,
+        anything else a path (all items stored under that path, compared as given and as an absolute path).
+        Raises a ShituError listing what matches nothing."""
+        by_path: dict[str, list[int]] = {}
+        for item in self._items.values():
+            by_path.setdefault(item.path, []).append(item.key)
+        found: list[int] = []
+        unknown: list[str] = []
+        for entry in keys_or_paths:
+            if isinstance(entry, (int, np.integer)):
+                (found.append(int(entry)) if int(entry) in self._items else unknown.append(str(entry)))
+                continue
+            text = os.fspath(entry)
+            if text.isdigit() and int(text) in self._items:
+                found.append(int(text))
+                continue
+            keys = (
+                by_path.get(text) or by_path.get(str(Path(text).absolute())) or by_path.get(str(Path(text).resolve()))
+            )
+            if keys:
+                found.extend(keys)
+            else:
+                unknown.append(text)
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:5]) + (
+                f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            )
+            where = self.path if self.path is not None else None
+            raise ShituError(f"not in the index (no such key or path): {shown}", path=where)
+        return sorted(set(found))
+
+    def remove(self, keys_or_paths: Iterable[int | str | os.PathLike[str]]) -> list[Item]:
+        """Remove the items named by keys or paths (see :meth:`keys_for`); all or nothing. Returns them."""
+        keys = self.keys_for(keys_or_paths)
+        if keys:
+            self._index.remove(np.asarray(keys, dtype=np.uint64))
+        removed = [self._items.pop(key) for key in keys]
+        self._info["count"] = len(self)
+        return removed
+
+    # -- persistence --------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str] | None = None, *, overwrite: bool = False) -> Path:
+        """Write the index folder at ``path`` (default: where it was read from) as a unit.
+
+        Replacing another existing index needs ``overwrite``; a folder that is not an index (and not
+        empty) is never replaced. Saving back to where it was read from refuses when the index on disk
+        was changed meanwhile by someone else (its index.json differs from what was read).
+        """
+        from shitu import __version__
+        from shitu.fileio import atomic_directory, atomic_write_json, atomic_write_text
+
+        if path is None and self.path is None:
+            raise ShituError("this index was never saved: give a folder to save it to")
+        target = Path(path if path is not None else self.path).absolute()
+        own = self.path is not None and target == Path(self.path).absolute()
+        check_replaceable(target, overwrite=overwrite or own)
+        info_file = target / INFO_FILE
+        if own and self._on_disk is not None and info_file.is_file() and _sha256(info_file) != self._on_disk:
+            raise ShituError(
+                "the index was changed on disk since it was opened; not overwriting that change",
+                path=target / INFO_FILE,
+                hint="open it again and repeat the change",
+            )
+        import usearch
+
+        with atomic_directory(target) as staging:
+            self._index.save(os.fspath(staging / INDEX_FILE))
+            lines = [
+                json.dumps({"key": it.key, "label": it.label, "path": it.path}, ensure_ascii=False) + "\n"
+                for it in self.items
+            ]
+            atomic_write_text(staging / ITEMS_FILE, "".join(lines))
+            info = {k: v for k, v in self._info.items() if k not in ("files", "path", "num_labels")}
+            info.update(
+                count=len(self),
+                shitu_version=__version__,
+                usearch_version=usearch.__version__,
+                files={
+                    name: {"sha256": _sha256(staging / name), "bytes": (staging / name).stat().st_size}
+                    for name in (INDEX_FILE, ITEMS_FILE)
+                },
+            )
+            atomic_write_json(staging / INFO_FILE, info)
+        self._info = info
+        self.path = target
+        self._on_disk = _sha256(target / INFO_FILE)
+        return target
+
+
+def check_replaceable(target: Path, *, overwrite: bool) -> None:
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ShituError("exists and is not a folder; refusing to replace it", path=target)
+    if not any(target.iterdir()):
+        return
+    if not (target / INFO_FILE).is_file():
+        raise ShituError("exists, is not empty and is not a shitu index; refusing to replace it", path=target)
+    if not overwrite:
+        raise ShituError("an index already exists here", path=target, hint="pass --overwrite to replace it")
+
+
+def _new_usearch(dim: int, dtype: str, connectivity: int | None, expansion_add: int | None) -> Any:
+    from usearch.index import Index
+
+    return Index(ndim=dim, metric="cos", dtype=dtype, connectivity=connectivity, expansion_add=expansion_add)
+
+
+def build_index(
+    features: Any,
+    labels: Sequence[int],
+    paths: Sequence[str],
+    *,
+    output: str | os.PathLike[str] | None,
+    recognizer_info: Mapping[str, Any] | None,
+    dtype: str = "f32",
+    metric: str = "cos",
+    overwrite: bool = False,
+    connectivity: int | None = None,
+    expansion_add: int | None = None,
+    expansion_search: int | None = None,
+) -> RetrievalIndex:
+    """An index of ``features`` (float32 [N, D]; rows are scaled to unit length) with a label and a path per
+    row, keyed 0..N-1, saved at ``output`` (None: kept in memory only).
+
+    ``recognizer_info`` is the ``Recognizer.describe()`` of the model that made the features; searches with
+    another model are refused. ``dtype`` is the storage type (f32, f16 or i8); ``metric`` must be ``cos``.
+    ``connectivity`` (HNSW M), ``expansion_add`` (efConstruction) and ``expansion_search`` (ef) default to
+    usearch's (16, 128, 64). An existing index at ``output`` is replaced only with ``overwrite``.
+    """
+    if dtype not in DTYPES:
+        raise ShituError(f"unknown index dtype {dtype!r} (choose one of {', '.join(DTYPES)})")
+    if metric not in METRICS:
+        raise ShituError(f"unknown metric {metric!r}: shitu indexes compare features by cosine ('cos')")
+    matrix = _as_matrix(features, None, what="features")
+    if matrix.shape[1] < 1:
+        raise ShituError("features have no dimensions")
+    recognizer = dict(recognizer_info or {})
+    size = recognizer.get("embedding_size")
+    if size is not None and int(size) != matrix.shape[1]:
+        raise ShituError(f"features have {matrix.shape[1]} dimensions but the recognizer's embedding size is {size}")
+    if output is not None:
+        check_replaceable(Path(output).absolute(), overwrite=overwrite)  # fail before the (long) build
+    usearch_index = _new_usearch(matrix.shape[1], dtype, connectivity, expansion_add)
+    if expansion_search is not None:
+        usearch_index.expansion_search = expansion_search
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dim": int(matrix.shape[1]),
+        "dtype": dtype,
+        "metric": metric,
+        "count": 0,
+        "next_key": 0,
+        "connectivity": int(usearch_index.connectivity),
+        "expansion_add": int(usearch_index.expansion_add),
+        "expansion_search": int(usearch_index.expansion_search),
+        "recognizer": recognizer,
+    }
+    index = RetrievalIndex(usearch_index, {}, info, None)
+    index.add(matrix, labels, paths)
+    if output is not None:
+        index.save(output, overwrite=overwrite)
+    return index
+
+
+def _read_info(folder: Path) -> dict[str, Any]:
+    file = folder / INFO_FILE
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShituError(f"unreadable index description: {exc}", path=file) from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ShituError(f"not a shitu index description (format is not {FORMAT!r})", path=file)
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ShituError(
+            f"index format version {doc.get('format_version')!r} is not supported (this shitu reads {FORMAT_VERSION})",
+            path=file,
+        )
+    expected = {
+        "dim": int,
+        "dtype": str,
+        "metric": str,
+        "count": int,
+        "next_key": int,
+        "files": dict,
+        "recognizer": dict,
+    }
+    for key, kind in expected.items():
+        if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
+            raise ShituError(f"field {key!r} is missing or not a {kind.__name__}", path=file)
+    if doc["dtype"] not in DTYPES or doc["metric"] not in METRICS or doc["dim"] < 1 or doc["count"] < 0:
+        raise ShituError(
+            f"invalid dim/dtype/metric/count ({doc['dim']}, {doc['dtype']!r}, {doc['metric']!r}, {doc['count']})",
+            path=file,
+        )
+    for name in (INDEX_FILE, ITEMS_FILE):
+        entry = doc["files"].get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise ShituError(f"no checksum recorded for {name}", path=file)
+    return doc
+
+
+def _read_items(file: Path) -> dict[int, Item]:
+    items: dict[int, Item] = {}
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ShituError(f"unreadable: {exc}", path=file) from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            doc = json.loads(line)
+            key, label, path = doc["key"], doc["label"], doc["path"]
+            if not (isinstance(key, int) and isinstance(label, int) and isinstance(path, str)) or key < 0:
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise ShituError('expected {"key": int, "label": int, "path": str}', path=file, line=number) from None
+        if key in items:
+            raise ShituError(f"key {key} appears twice", path=file, line=number)
+        items[key] = Item(key, label, path)
+    return items
+
+
+def _missing_index_hint(folder: Path) -> str | None:
+    """Where an interrupted save left the previous index, if it did."""
+    leftovers = sorted(folder.parent.glob(f".{folder.name}.*.old/{folder.name}")) if folder.parent.is_dir() else []
+    return f"an interrupted save left the previous index at {leftovers[-1]}" if leftovers else None
+
+
+def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, Any] | None = None) -> RetrievalIndex:
+    """Read the index folder at ``path``, checking the files' checksums and that they agree with each other.
+
+    With ``recognizer_info`` (a ``Recognizer.describe()``), also check that its features are comparable
+    with the stored ones. Every problem is a ShituError naming the file concerned.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        if folder.exists():
+            raise ShituError("not a folder (give the index folder)", path=folder)
+        raise ShituError("index folder does not exist", path=folder, hint=_missing_index_hint(folder.absolute()))
+    if not (folder / INFO_FILE).is_file():
+        raise ShituError(f"not a shitu index (no {INFO_FILE})", path=folder)
+    info_file = folder / INFO_FILE
+    info_digest = _sha256(info_file)
+    info = _read_info(folder)
+    for name in (INDEX_FILE, ITEMS_FILE):
+        file = folder / name
+        if not file.is_file():
+            raise ShituError("missing from the index folder", path=file)
+        if _sha256(file) != info["files"][name]["sha256"]:
+            raise ShituError(
+                "checksum mismatch: the file is damaged or was changed outside shitu",
+                path=file,
+                hint="rebuild the index",
+            )
+    items = _read_items(folder / ITEMS_FILE)
+    from usearch.index import Index
+
+    try:
+        usearch_index = Index.restore(os.fspath(folder / INDEX_FILE), view=False)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ShituError(f"cannot read the usearch index: {exc}", path=folder / INDEX_FILE) from None
+    if usearch_index is None:
+        raise ShituError("not a usearch index", path=folder / INDEX_FILE)
+    stored_dtype = str(usearch_index.dtype).rsplit(".", 1)[-1].lower()
+    stored_metric = str(usearch_index.metric).rsplit(".", 1)[-1].lower()
+    if usearch_index.ndim != info["dim"] or stored_dtype != info["dtype"] or stored_metric != info["metric"]:
+        raise ShituError(
+            f"says dim {info['dim']}, dtype {info['dtype']}, metric {info['metric']}, but {INDEX_FILE} holds "
+            f"dim {usearch_index.ndim}, dtype {stored_dtype}, metric {stored_metric}",
+            path=info_file,
+        )
+    if not len(usearch_index) == len(items) == info["count"]:
+        raise ShituError(
+            f"counts disagree: {INFO_FILE} says {info['count']}, {INDEX_FILE} holds {len(usearch_index)}, "
+            f"{ITEMS_FILE} lists {len(items)}",
+            path=folder / ITEMS_FILE,
+        )
+    if items:
+        keys = np.fromiter(items, dtype=np.uint64, count=len(items))
+        present = np.asarray(usearch_index.contains(keys))
+        if not present.all():
+            raise ShituError(f"key {int(keys[~present][0])} is not in {INDEX_FILE}", path=folder / ITEMS_FILE)
+        if int(keys.max()) >= info["next_key"]:
+            raise ShituError(
+                f"next_key {info['next_key']} is not above the largest key {int(keys.max())}", path=info_file
+            )
+    if isinstance(info.get("expansion_search"), int) and info["expansion_search"] > 0:
+        usearch_index.expansion_search = info["expansion_search"]
+    if isinstance(info.get("expansion_add"), int) and info["expansion_add"] > 0:
+        usearch_index.expansion_add = info["expansion_add"]
+    index = RetrievalIndex(usearch_index, items, info, folder.absolute())
+    index._on_disk = info_digest
+    if recognizer_info is not None:
+        index.check_recognizer(recognizer_info)
+    return index
