@@ -41,9 +41,10 @@ def _root(
 
 
 def _register_commands() -> None:
-    from shitu.cli import check, convert, import_weights, models, plugins, split
+    from shitu.cli import check, convert, demo, import_weights, index, models, plugins, predict, split, train
+    from shitu.cli import eval as eval_cli
 
-    for module in (check, convert, split, plugins, models, import_weights):
+    for module in (demo, check, convert, split, train, eval_cli, predict, index, import_weights, models, plugins):
         module.register(app)
 
 

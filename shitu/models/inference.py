@@ -45,6 +45,19 @@ class Embedder:
 
         self._forward = jax.jit(forward)
 
+    def set_state(self, state: Any) -> None:
+        """Embed with new weights from now on, without recompiling: ``state`` is ``nnx.state(m)`` of a model
+        ``m`` of the same architecture (same structure, shapes and dtypes; e.g. a copy of the model being
+        trained, put in eval mode), as training's per-epoch evaluation needs. ValueError if it differs."""
+        import jax
+
+        def signature(tree: Any) -> tuple[Any, list[tuple[Any, Any]]]:
+            return jax.tree.structure(tree), [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(tree)]
+
+        if signature(state) != signature(self._state):
+            raise ValueError("set_state: the new state does not match the model's structure, shapes and dtypes")
+        self._state = state
+
     def bucket_for(self, n: int) -> int:
         """The batch size an input of ``n`` images is padded to (n ≤ the largest bucket)."""
         return next(b for b in self.buckets if b >= n)
