@@ -8,8 +8,9 @@ wrong) and ``demo_result.json``.
 Budgets (the bundled set has 20 products: 120 train, 40 gallery, 60 query photos):
 
 - ``quick``: PP-ShiTuV2_rec at half width (``Train.model_scale=0.5``) and 64 px, batch 20 (5 products × 4
-  photos), 30 epochs of a cosine schedule at learning rate 0.02 — a few minutes on two CPU cores. It learns from scratch (no pretrained weights ship with shitu), so it shows the
-  mechanics and a clear gain, not production accuracy.
+  photos), 30 epochs of a cosine schedule at learning rate 0.02 — a few minutes on two CPU cores. It
+  learns from scratch (no pretrained weights ship with shitu), so it shows the mechanics and a gain, not
+  production accuracy.
 - ``full``: PaddleX's recipe (224 px, 20 epochs, learning rate 0.01, warm-up 5 epochs) with the batch
   reduced to 80 (20 products × 4), since PaddleX's 128 needs at least 32 products.
 """
