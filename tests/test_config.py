@@ -48,6 +48,10 @@ SCHEMA: dict[str, type] = {
     "Train.log_interval": int,
     "Train.eval_interval": int,
     "Train.save_interval": int,
+    "Train.sampler": str,
+    "Train.model_scale": float,
+    "Train.num_workers": int,
+    "Train.checkpoints_to_keep": int,
     "Evaluate.weight_path": NONE,
     "Evaluate.batch_size": int,
     "Evaluate.sim_block_size": int,
@@ -108,6 +112,7 @@ def test_shipped_config_loads_with_typed_keys(name: str) -> None:
     expected = dict(SCHEMA)
     if name != REC:
         del expected["Train.sample_per_id"]  # rec only
+        del expected["Train.model_scale"]
     assert set(flat) == set(expected)
     for key, kind in expected.items():
         assert type(flat[key]) is kind, key
