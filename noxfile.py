@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
@@ -23,6 +24,19 @@ def slow(session: nox.Session) -> None:
     """Long checks (marked ``slow``): crash loops and other long runs."""
     session.install("-e", ".[dev]")
     session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def reliability(session: nox.Session) -> None:
+    """The hardening checks of docs/RELIABILITY.md, long form: every fuzzer with SHITU_FUZZ_SCALE (default 10)
+    times its examples, every kill loop and every damaged bundle (the slow tests included)."""
+    session.install("-e", ".[dev]")
+    files = sorted(str(p) for p in Path("tests").glob("test_hardening_*.py"))
+    scale = os.environ.get("SHITU_FUZZ_SCALE", "10")
+    session.run(
+        "pytest", "-m", "slow or not slow", "-s", *files, "tests/test_fileio.py", *session.posargs,
+        env={"SHITU_FUZZ_SCALE": scale},
+    )  # fmt: skip
 
 
 @nox.session(python=PYTHON)

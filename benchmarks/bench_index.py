@@ -47,6 +47,7 @@ import numpy as np
 
 DIM = 512
 RANK = 32
+LATENT = 64
 PER_CLUSTER = 100
 
 
@@ -106,7 +107,11 @@ class Generator:
     @classmethod
     def make(cls, clusters: int, seed: int) -> Generator:
         rng = np.random.default_rng(seed)
-        centres = rng.standard_normal((clusters, DIM), dtype=np.float32)
+        # Centres on a LATENT-dimensional subspace, so clusters have near and far neighbours as products do.
+        # (Centres drawn uniformly in all 512 dimensions are all equally far from each other; HNSW's greedy
+        # walk then has nothing to follow between clusters: recall@1 was 0.83 at ef=256 on 1M vectors.)
+        mixing = rng.standard_normal((LATENT, DIM), dtype=np.float32)
+        centres = rng.standard_normal((clusters, LATENT), dtype=np.float32) @ mixing
         centres /= np.linalg.norm(centres, axis=1, keepdims=True)
         basis = rng.standard_normal((RANK, DIM), dtype=np.float32) / np.float32(np.sqrt(DIM))
         return cls(centres, basis)

@@ -40,6 +40,8 @@ class BundleInfo:
     input_size: int = 224
     shitu_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: CRC-32 of every parameter (see :func:`params_checksum`); empty in bundles written before it existed.
+    params_crc32: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
@@ -54,6 +56,34 @@ class LoadedBundle:
     model: Any
     info: BundleInfo
     config: Any
+
+
+def params_checksum(state: Any) -> str:
+    """CRC-32 (hex) over every leaf of ``state``: its tree path, dtype, shape and bytes, in tree order.
+
+    Written into ``shitu_model.json`` and checked on load, so a bundle whose array files were damaged on disk
+    (Orbax stores them without checksums: a flipped bit loads as a different weight) is refused instead of
+    used. A CRC detects damage, not tampering (whoever can edit the arrays can edit the JSON too).
+    """
+    import zlib
+
+    import jax
+    import numpy as np
+
+    crc = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        crc = zlib.crc32(f"{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}".encode(), crc)
+        crc = zlib.crc32(memoryview(array).cast("B"), crc)
+    return f"{crc:08x}"
+
+
+def _int_field(doc: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A whole-number field of ``shitu_model.json`` (a JSON integer, not 3.7 or "3" or true)."""
+    value = doc.get(key, default) if default is not None else doc[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be a whole number, got {value!r}")
+    return value
 
 
 def _nnx_filters() -> tuple[Any, Any]:
@@ -95,6 +125,7 @@ def save_bundle(
     )
     keep, _ = _nnx_filters()
     state = nnx.state(model, keep)
+    info.params_crc32 = params_checksum(state)
     with atomic_directory(target) as staging:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging.absolute() / PARAMS_DIR, state)
@@ -123,16 +154,26 @@ def read_bundle_info(path: str | os.PathLike[str]) -> BundleInfo:
     if doc.get("format_version") != FORMAT_VERSION:
         raise ShituError(f"bundle format version {doc.get('format_version')!r} is not supported", path=file)
     try:
+        model, arch, extra = doc["model"], doc.get("arch") or {}, doc.get("extra") or {}
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"model must be a model name, got {model!r}")
+        if not isinstance(arch, dict) or not all(isinstance(k, str) and k.isidentifier() for k in arch):
+            raise ValueError(f"arch must map option names to values, got {arch!r}")
+        if not isinstance(extra, dict):
+            raise ValueError(f"extra must be a mapping, got {extra!r}")
         info = BundleInfo(
-            model=str(doc["model"]),
-            num_classes=int(doc["num_classes"]),
-            arch=dict(doc.get("arch") or {}),
-            embedding_size=int(doc.get("embedding_size", 512)),
-            input_size=int(doc.get("input_size", 224)),
+            model=model,
+            num_classes=_int_field(doc, "num_classes"),
+            arch=arch,
+            embedding_size=_int_field(doc, "embedding_size", 512),
+            input_size=_int_field(doc, "input_size", 224),
             shitu_version=str(doc.get("shitu_version", "")),
-            extra=dict(doc.get("extra") or {}),
+            extra=extra,
+            params_crc32=str(doc.get("params_crc32") or ""),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise ShituError(f"invalid bundle description: {exc.args[0]!r} is missing", path=file) from None
+    except (TypeError, ValueError) as exc:
         raise ShituError(f"invalid bundle description: {exc}", path=file) from None
     if info.num_classes < 1:
         raise ShituError("invalid bundle description: num_classes must be at least 1", path=file)
@@ -156,7 +197,15 @@ def load_bundle(path: str | os.PathLike[str], *, host: Any | None = None) -> Loa
     if not params_dir.is_dir():
         raise ShituError(f"bundle has no {PARAMS_DIR}/ checkpoint", path=folder)
     keep, rng_filter = _nnx_filters()
-    abstract = nnx.eval_shape(lambda: spec.build(info.num_classes, **info.arch))
+    try:
+        abstract = nnx.eval_shape(lambda: spec.build(info.num_classes, **info.arch))
+    except Exception as exc:  # options the model's builder does not take, or values it cannot use
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise ShituError(
+            f"the bundle's options (num_classes {info.num_classes}, arch {info.arch}) do not build {spec.name}: "
+            f"{reason}",
+            path=folder / INFO_FILE,
+        ) from None
     graphdef, abstract_state, _ = nnx.split(abstract, keep, ...)
     try:
         checkpointer = ocp.StandardCheckpointer()
@@ -167,6 +216,11 @@ def load_bundle(path: str | os.PathLike[str], *, host: Any | None = None) -> Loa
         raise ShituError(
             f"cannot restore the checkpoint (corrupt, truncated or another model): {message}", path=params_dir
         ) from None
+    if info.params_crc32 and params_checksum(restored) != info.params_crc32:
+        raise ShituError(
+            "the checkpoint's parameters do not match the checksum in the bundle description (damaged on disk)",
+            path=params_dir,
+        )
     rng_state = nnx.state(spec.build(info.num_classes, **info.arch), rng_filter)
     model = nnx.merge(graphdef, restored, rng_state)
     model.eval()

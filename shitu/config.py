@@ -42,8 +42,13 @@ _INT_RE = re.compile(r"[-+]?[0-9]+")
 _FLOAT_RE = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
 #: What PyYAML's safe constructors may raise besides YAMLError (bad dates, huge ints, deep or
-#: self-referencing data).
-_YAML_ERRORS = (yaml.YAMLError, RecursionError, ValueError, OverflowError, TypeError)
+#: self-referencing data; AttributeError for a '!!timestamp' tag on text that is no date).
+_YAML_ERRORS = (yaml.YAMLError, RecursionError, ValueError, OverflowError, TypeError, AttributeError)
+
+#: The most values a YAML text may expand to through aliases. Anchors and aliases share one object, but
+#: every consumer (validation, overrides, deep copies) walks the expanded tree, so a few lines nesting
+#: aliases ("billion laughs") would take hours; real configs hold a few hundred values.
+MAX_YAML_VALUES = 100_000
 
 _MISSING: Any = object()  # sentinel: no default given to Config.get
 _ANY: Any = object()  # sentinel prototype: any plain value (elements of a mixed list)
@@ -86,14 +91,64 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _yaml_error(exc: yaml.YAMLError, path: str) -> ShituError:
+class _YamlTooLarge(ValueError):
+    """The YAML text expands to more than :data:`MAX_YAML_VALUES` values (a ValueError: one of _YAML_ERRORS)."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Number of values ``node`` expands to, aliases counted every time they are used (memoised by node,
+    so the count itself takes time linear in the text). A node that contains itself counts as too large."""
+    known = sizes.get(id(node))
+    if known is not None:
+        if known < 0:
+            raise _YamlTooLarge("a YAML alias refers to the collection that contains it")
+        return known
+    sizes[id(node)] = -1  # being counted: meeting it again below is a cycle
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(item, sizes) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    if total > MAX_YAML_VALUES:
+        raise _YamlTooLarge(
+            f"the YAML expands to more than {MAX_YAML_VALUES} values through aliases (a 'billion laughs' text?)"
+        )
+    sizes[id(node)] = total
+    return total
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.load`` with the safe ``_Loader``, refusing texts whose aliases expand beyond MAX_YAML_VALUES."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {})
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _mark_line(text: str, mark: Any) -> int | None:
+    """1-based line of a PyYAML mark, counting only newlines: YAML also breaks lines at U+0085, U+2028
+    and U+2029, which editors show inside a line, so ``mark.line`` would point below the real line."""
+    if mark is None:
+        return None
+    index = getattr(mark, "index", None)
+    if isinstance(index, int) and 0 <= index <= len(text):
+        return text.count("\n", 0, index) + 1
+    return mark.line + 1
+
+
+def _yaml_error(exc: yaml.YAMLError, path: str, text: str = "") -> ShituError:
     """Turn a PyYAML error into a ShituError located at ``path:line``."""
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     if isinstance(exc, yaml.MarkedYAMLError):
         problem = " ".join(p for p in (exc.context, exc.problem) if p) or "syntax error"
     else:  # e.g. yaml.reader.ReaderError: undecodable or unprintable characters
         problem = str(exc)
-    line = mark.line + 1 if mark is not None else None
+    line = _mark_line(text, mark) if text else (mark.line + 1 if mark is not None else None)
     return ShituError(f"invalid YAML: {problem}", path=path, line=line)
 
 
@@ -109,7 +164,7 @@ def _key_line(text: str, keys: Sequence[Any]) -> int | None:
             break
         for key_node, value_node in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(key):
-                line, node = key_node.start_mark.line + 1, value_node
+                line, node = _mark_line(text, key_node.start_mark), value_node
                 break
         else:
             break
@@ -178,9 +233,9 @@ def _bad_key_reason(key: Any) -> str | None:
 def _parse_yaml(text: str, path: str) -> dict[str, Any]:
     """Parse config YAML ``text`` (read from ``path``) into a checked mapping of sections."""
     try:
-        data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+        data = _load_yaml(text)  # _Loader is a SafeLoader
     except yaml.YAMLError as exc:
-        raise _yaml_error(exc, path) from None
+        raise _yaml_error(exc, path, text) from None
     except _YAML_ERRORS as exc:
         raise ShituError(f"invalid YAML: {exc}", path=path) from None
     try:
@@ -413,14 +468,14 @@ def _coerce_text(key: str, label: str, text: str, proto: Any) -> Any:
         if not stripped.startswith("["):
             raise _bad_value(key, label, proto, f"{text!r} (write a list as [a, b, ...])")
         try:
-            value = yaml.load(stripped, Loader=_Loader)  # _Loader is a SafeLoader
+            value = _load_yaml(stripped)  # safe loader, bounded size
         except _YAML_ERRORS as exc:
             problem = getattr(exc, "problem", None) or "not valid YAML"
             raise _bad_value(key, label, proto, f"{text!r} ({problem})") from None
         return _coerce_value(key, label, value, proto, from_text=True)
     if proto is None and stripped[:1] in ("[", "{"):
         try:
-            value = yaml.load(stripped, Loader=_Loader)  # _Loader is a SafeLoader
+            value = _load_yaml(stripped)  # safe loader, bounded size
         except _YAML_ERRORS:
             return text  # not a YAML collection: plain text such as '[draft] photos'
         if isinstance(value, (list, dict)):

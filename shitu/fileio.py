@@ -109,7 +109,8 @@ def backup_name(path: Path) -> Path | None:
     current = path.read_bytes()
     existing = _backups_of(path)
     for _, candidate in existing:
-        if candidate.is_file() and candidate.read_bytes() == current:
+        # A link is never read: it may lead out of the folder (it still takes its number).
+        if candidate.is_file() and not candidate.is_symlink() and candidate.read_bytes() == current:
             return None
     if not existing:
         return path.with_name(path.name + ".bak")
@@ -200,7 +201,10 @@ def replace_together(files: Mapping[Path, bytes], *, backup: bool = True) -> lis
 
 def _journal_renames(journal: Path) -> list[tuple[str, str]]:
     """The (staged file, target) pairs a journal names, keeping only safe ones: both plain names of files in
-    the journal's own folder, the staged one a ``.<target>.*.new`` file. Anything else is ignored."""
+    the journal's own folder, the staged one a ``.<target>.*.new`` file. Anything else is ignored, and a
+    journal that is a symbolic link is never read (shitu writes journals as plain files)."""
+    if journal.is_symlink():
+        return []
     try:
         document = json.loads(journal.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -58,7 +58,11 @@ class PluginInfo:
 
 
 def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
+    """``Type: message`` on one line; never raises, even for an exception whose ``__str__`` does."""
+    try:
+        text = f"{type(exc).__name__}: {exc}".strip()
+    except Exception:
+        text = f"{type(exc).__name__}: (its message cannot be shown)"
     return " ".join(text.split())
 
 
@@ -262,9 +266,13 @@ class PluginHost:
                 info.errors.append(f"{hook} raised {_describe(exc)}")
                 return False
         for item in pending:
-            name = getattr(item, "name", None)
+            try:
+                name = getattr(item, "name", None)
+            except Exception as exc:  # a 'name' property that raises
+                info.errors.append(f"{hook} registered an item whose name raised {_describe(exc)}")
+                continue
             if not isinstance(name, str) or not name.strip():
-                info.errors.append(f"{hook} registered {item!r}, which has no name")
+                info.errors.append(f"{hook} registered {_safe_repr(item)}, which has no name")
                 continue
             problem = _invalid(kind, item)
             if problem is not None:
@@ -344,13 +352,22 @@ class PluginHost:
             if answer is None:
                 continue
             if not isinstance(answer, str):
-                self._note(impl.plugin_name, f"{hook} returned {answer!r}, not a format name")
+                self._note(impl.plugin_name, f"{hook} returned {_safe_repr(answer)}, not a format name")
                 continue
             fmt = self.dataset_formats.get(answer.lower())
             if convertible_only and (fmt is None or not fmt.converts):
                 continue
             return fmt.name if fmt is not None else answer
         return None
+
+
+def _safe_repr(item: Any) -> str:
+    """``repr(item)``, shortened, or the type's name when the plugin's ``__repr__`` raises."""
+    try:
+        text = repr(item)
+    except Exception:
+        return f"a {type(item).__name__}"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _invalid(kind: str, item: Any) -> str | None:

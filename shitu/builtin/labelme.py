@@ -17,6 +17,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from shitu import hookimpl
+from shitu.data.lists import file_problem, resolve_inside
 from shitu.errors import ShituError
 from shitu.formats import ConversionPlan, DatasetFormat, Issue, Sample, SplitOptions
 
@@ -25,10 +26,13 @@ def _read_labels(root: Path) -> tuple[dict[str, int], list[Issue]]:
     file = root / "label.txt"
     issues: list[Issue] = []
     labels: dict[str, int] = {}
+    if not file.exists() and not file.is_symlink():
+        return {}, [Issue("error", str(file), "label.txt is missing (line i must name class i)", code="missing")]
+    problem = _unreadable(root, file)
+    if problem is not None:
+        return {}, [Issue("error", str(file), problem, code="unreadable")]
     try:
         text = file.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        return {}, [Issue("error", str(file), "label.txt is missing (line i must name class i)", code="missing")]
     except (OSError, UnicodeDecodeError) as exc:
         return {}, [Issue("error", str(file), f"cannot read: {exc}", code="unreadable")]
     lines = text.split("\n")
@@ -55,6 +59,15 @@ def _read_labels(root: Path) -> tuple[dict[str, int], list[Issue]]:
     return labels, issues
 
 
+def _unreadable(root: Path, file: Path) -> str | None:
+    """Why ``file`` (label.txt, an annotation) may not be read: a link leaving the dataset, a pipe, a folder."""
+    resolved, problem = resolve_inside(root, os.path.relpath(file, root))
+    if resolved is None:
+        return str(problem).replace("image path", "path", 1)
+    status = file_problem(resolved)
+    return None if status is None else status.replace("image file", "file")
+
+
 def _image_for(root: Path, annotation: Path, image_path: str) -> str | None:
     """The annotated image as a path relative to ``root`` (POSIX separators), or None if it is not found.
 
@@ -65,7 +78,6 @@ def _image_for(root: Path, annotation: Path, image_path: str) -> str | None:
     normalised = image_path.strip().replace("\\", "/")
     if not normalised or "\x00" in normalised:
         return None
-    real_root = root.resolve()
     candidates = []
     if not PurePosixPath(normalised).is_absolute():
         candidates.append(annotation.parent / normalised)
@@ -76,8 +88,8 @@ def _image_for(root: Path, annotation: Path, image_path: str) -> str | None:
         relative = Path(os.path.relpath(os.path.normpath(candidate), os.path.normpath(root)))
         if ".." in relative.parts:
             continue
-        resolved = candidate.resolve()
-        if resolved.is_file() and resolved.is_relative_to(real_root):
+        resolved, _ = resolve_inside(root, relative.as_posix())  # never raises (link loops, long names)
+        if resolved is not None and file_problem(resolved) is None:
             return relative.as_posix()
     return None
 
@@ -99,6 +111,10 @@ class LabelMe(DatasetFormat):
             if annotation.name.startswith(".") or not annotation.is_file():
                 continue  # hidden files (e.g. macOS '._x.json') and folders are no annotations
             shown = str(annotation)
+            problem = _unreadable(root, annotation)
+            if problem is not None:
+                issues.append(Issue("error", shown, problem, code="unreadable"))
+                continue
             try:
                 document = json.loads(annotation.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as exc:
@@ -106,6 +122,10 @@ class LabelMe(DatasetFormat):
                 continue
             except (OSError, UnicodeDecodeError) as exc:
                 issues.append(Issue("error", shown, f"cannot read: {exc}", code="unreadable"))
+                continue
+            except (RecursionError, ValueError) as exc:  # nested too deeply; an integer of 5000 digits
+                reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                issues.append(Issue("error", shown, f"invalid JSON: {reason}", code="invalid-json"))
                 continue
             if not isinstance(document, dict):
                 issues.append(Issue("error", shown, "not a LabelMe annotation (top level is not an object)"))

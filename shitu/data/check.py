@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shitu.data.images import DEFAULT_MAX_PIXELS, ImageReport, inspect_images
-from shitu.data.lists import ListEntry, locate_root, read_list
+from shitu.data.lists import ListEntry, file_problem, locate_root, read_list, resolve_inside
 from shitu.fileio import JOURNAL_NAME, atomic_directory, atomic_write_json
 from shitu.formats import SPLITS, Issue
 
@@ -131,27 +132,19 @@ def _inspect_listed_images(
     workers: int,
     on_progress: ProgressFn | None,
 ) -> dict[str, ImageReport]:
-    real_root = root.resolve()
     by_path: dict[str, list[ListEntry]] = defaultdict(list)
     for split in SPLITS:
         for entry in entries[split]:
             by_path[entry.sample.path].append(entry)
     to_decode: list[str] = []
     for relative, refs in by_path.items():
-        resolved = (root / relative).resolve()
-        if not resolved.is_relative_to(real_root):
+        resolved, problem = resolve_inside(root, relative)
+        if resolved is None:
+            code = "path-outside-root" if "outside" in str(problem) else "bad-path"
             for ref in refs:
-                issues.append(
-                    Issue(
-                        "error",
-                        ref.file,
-                        f"image path {relative!r} resolves outside the dataset root (through a symbolic link)",
-                        ref.line,
-                        "path-outside-root",
-                    )
-                )
+                issues.append(Issue("error", ref.file, str(problem), ref.line, code))
             continue
-        if not resolved.exists():
+        if file_problem(resolved) == "image file not found":
             for ref in refs:
                 issues.append(Issue("error", ref.file, f"image not found: {relative}", ref.line, "missing-image"))
             continue
@@ -262,7 +255,24 @@ def _write_outputs(result: CheckResult, output: Path, sample_num: int, on_progre
             for entry in chosen[:sample_num]:
                 name = _unique_name(entry, used)
                 if not (demo_dir / name).exists():
-                    draw_labelled_sample(result.root / entry.sample.path, str(entry.sample.label), demo_dir / name)
+                    try:
+                        with warnings.catch_warnings():  # the size was checked against the limit while decoding
+                            warnings.simplefilter("ignore")
+                            draw_labelled_sample(
+                                result.root / entry.sample.path, str(entry.sample.label), demo_dir / name
+                            )
+                    except Exception as exc:  # the file changed since it was decoded, or is too large to redraw
+                        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+                        result.issues.append(
+                            Issue(
+                                "warning",
+                                entry.file,
+                                f"{entry.sample.path}: no sample picture drawn ({reason})",
+                                entry.line,
+                                "sample-not-drawn",
+                            )
+                        )
+                        continue
                 paths.append(f"check_dataset/demo_img/{name}")
             result.sample_paths[split] = paths
         counts = {split: (len(result.entries[split]), len(result.class_counts(split))) for split in SPLITS}

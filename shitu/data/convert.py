@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from shitu.data.lists import path_problem
+from shitu.data.lists import file_problem, path_problem, resolve_inside
 from shitu.data.split import WriteResult, refuse_bundled_demo, validate_options, write_lists
 from shitu.errors import ShituError
 from shitu.fileio import recover
-from shitu.formats import SPLITS, SplitOptions
+from shitu.formats import SPLITS, ConversionPlan, Issue, Sample, SplitOptions
 
 
 def convert_dataset(
@@ -57,32 +57,76 @@ def convert_dataset(
         )
     refuse_bundled_demo(root)
     recover(root)
-    errors = [issue for issue in fmt.validate(root) if issue.severity == "error"]
+    issues = _plugin_call(fmt, "validate", root)
+    if not isinstance(issues, list) or not all(isinstance(issue, Issue) for issue in issues):
+        raise ShituError(f"the {fmt.name} format plugin's validate() did not return a list of Issue", path=root)
+    errors = [issue for issue in issues if issue.severity == "error"]
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         first = errors[0]
         raise ShituError(first.message + more, path=first.file, line=first.line)
     try:
-        plan = fmt.convert(root, options)
+        plan = _plugin_call(fmt, "convert", root, options)
     except NotImplementedError as exc:
         raise ShituError(f"the {fmt.name} format cannot be converted: {exc}", path=root) from exc
-    real_root = root.resolve()
-    total = sum(len(plan.lists.get(split) or []) for split in SPLITS)
+    _check_plan(fmt.name, root, plan)
+    written = write_lists(root, plan.lists, plan.class_names)
+    return fmt.name, written, list(plan.notes)
+
+
+def _plugin_call(fmt: object, method: str, *args: object) -> object:
+    """Call a format plugin's ``validate`` or ``convert``: ShituError and NotImplementedError pass through,
+    anything else the plugin raises becomes one ShituError naming the format (never a traceback)."""
+    try:
+        return getattr(fmt, method)(*args)
+    except (ShituError, NotImplementedError, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # a plugin's bug (even SystemExit) is reported, as for its hooks
+        try:
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        except Exception:  # an exception whose message cannot even be rendered
+            reason = type(exc).__name__
+        name = getattr(fmt, "name", type(fmt).__name__)
+        raise ShituError(f"the {name} format plugin failed in {method}(): {reason}", path=args[0]) from exc
+
+
+def _check_plan(name: str, root: Path, plan: object) -> None:
+    """Refuse a plan that is malformed or names an image that is missing or outside ``root``."""
+    lists = getattr(plan, "lists", None)
+    class_names = getattr(plan, "class_names", None)
+    if not isinstance(plan, ConversionPlan) or not isinstance(lists, dict):
+        raise ShituError(f"the {name} converter did not return a ConversionPlan", path=root)
+    if class_names is not None and (
+        not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names)
+    ):
+        raise ShituError(f"the {name} converter's class names are not a list of strings", path=root)
+    total = sum(len(lists.get(split) or []) for split in SPLITS)
     for split in SPLITS:
-        samples = plan.lists.get(split)
+        samples = lists.get(split)
         if not samples:
             raise ShituError(
-                f"the {fmt.name} converter produced an empty {split} list ({total} image lines in all are too few)",
+                f"the {name} converter produced an empty {split} list ({total} image lines in all are too few)",
                 path=root,
             )
         for sample in samples:
+            if (
+                not isinstance(sample, Sample)
+                or not isinstance(sample.path, str)
+                or isinstance(sample.label, bool)
+                or not isinstance(sample.label, int)
+            ):
+                raise ShituError(f"{name} converter: {sample!r} is not a Sample(path: str, label: int)", path=root)
             problem = path_problem(sample.path)
-            resolved = (root / sample.path).resolve() if problem is None else None
-            if resolved is not None and not resolved.is_relative_to(real_root):
-                problem = f"image path {sample.path!r} resolves outside the dataset root"
-            if problem is None and resolved is not None and not resolved.is_file():
-                problem = f"image not found: {sample.path}"
+            if problem is None and ("\n" in sample.path or "\r" in sample.path):
+                problem = f"image path {sample.path!r} holds a line break"
+            if problem is None and not -(2**63) <= sample.label < 2**63:
+                problem = f"label {sample.label} of {sample.path} does not fit in a 64-bit integer"
+            if problem is None:
+                resolved, problem = resolve_inside(root, sample.path)
+                status = file_problem(resolved) if resolved is not None else None
+                if status == "image file not found":
+                    problem = f"image not found: {sample.path}"
+                elif status is not None:
+                    problem = f"image {sample.path}: {status}"
             if problem is not None:
-                raise ShituError(f"{fmt.name} converter: {problem}", path=root)
-    written = write_lists(root, plan.lists, plan.class_names)
-    return fmt.name, written, list(plan.notes)
+                raise ShituError(f"{name} converter: {problem}", path=root)

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from shitu.data.lists import file_problem
+
 #: Pillow's own default decompression-bomb limit (about 89 megapixels).
 DEFAULT_MAX_PIXELS = 89_478_485
 #: Images smaller than this on either side are reported (they can hardly be recognised).
@@ -50,6 +52,9 @@ def inspect_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageRepo
     from PIL import Image, UnidentifiedImageError
 
     notes: list[str] = []
+    problem = file_problem(path)  # before opening: a named pipe would block, a device would be read
+    if problem is not None:
+        return ImageReport(path, error=problem)
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -81,7 +86,7 @@ def inspect_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageRepo
         return ImageReport(path, error=f"refused as a possible decompression bomb: {exc}")
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         message = str(exc) or type(exc).__name__
-        if "truncated" in message:
+        if "truncated" in message.lower():
             message = f"truncated image ({message})"
         return ImageReport(path, error=f"cannot decode: {message}")
     suffix = path.suffix.lower()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -65,7 +66,9 @@ def locate_root(path: str | os.PathLike[str]) -> Path:
 
 
 def path_problem(relative: str) -> str | None:
-    """Why an image path in a list may not be used (absolute, or leaving the root), or None."""
+    """Why an image path in a list may not be used (empty, absolute, or leaving the root), or None."""
+    if not relative:
+        return "empty image path"
     if relative != relative.strip():
         return f"image path {relative!r} has leading or trailing whitespace"
     if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).is_absolute() or relative.startswith("\\"):
@@ -75,6 +78,39 @@ def path_problem(relative: str) -> str | None:
         return f"image path {relative!r} leaves the dataset root through '..'"
     if "\x00" in relative:
         return "image path contains a NUL character"
+    return None
+
+
+def resolve_inside(root: Path, relative: str) -> tuple[Path | None, str | None]:
+    """``root / relative`` with every symbolic link followed: ``(path, None)`` when it stays inside ``root``,
+    else ``(None, why)``. Never raises: a loop of links or a name the system refuses is a reason, not a crash
+    (``Path.resolve`` raises RuntimeError for a loop before Python 3.13)."""
+    try:
+        real_root = root.resolve()
+        resolved = (root / relative).resolve()
+    except RuntimeError:
+        return None, f"image path {relative!r} is a loop of symbolic links"
+    except (OSError, ValueError) as exc:
+        return None, f"image path {relative!r} cannot be resolved ({getattr(exc, 'strerror', None) or exc})"
+    if not resolved.is_relative_to(real_root):
+        return None, f"image path {relative!r} resolves outside the dataset root (through a symbolic link)"
+    return resolved, None
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file (missing, a folder, a pipe or device...), or None.
+
+    Checked before opening, so a named pipe never blocks a reader and a device is never read."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "image file not found"
+    except (OSError, ValueError) as exc:
+        return f"cannot access the file ({getattr(exc, 'strerror', None) or exc})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not an image file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a pipe, socket or device): refused"
     return None
 
 
@@ -98,9 +134,18 @@ def read_list(root: Path, split: str, *, display_root: Path | None = None) -> Pa
     file = root / f"{split}.txt"
     shown = str((display_root or root) / f"{split}.txt")
     parsed = ParsedList(split=split, file=file)
-    if not file.is_file():
+    if not file.exists() and not file.is_symlink():
         parsed.exists = False
         parsed.issues.append(Issue("error", shown, f"{split}.txt is missing", code="missing-list"))
+        return parsed
+    resolved, problem = resolve_inside(root, file.name)
+    if resolved is None:  # a link out of the dataset: never read a file outside it as data
+        message = str(problem).replace("image path", "list file", 1)
+        parsed.issues.append(Issue("error", shown, message, code="path-outside-root"))
+        return parsed
+    problem = file_problem(resolved)
+    if problem is not None:
+        parsed.issues.append(Issue("error", shown, problem.replace("image file", "list file"), code="unreadable"))
         return parsed
     try:
         raw = file.read_bytes()

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shitu.data.lists import format_lines, locate_root, read_list
+from shitu.data.lists import format_lines, locate_root, read_list, resolve_inside
 from shitu.errors import ShituError
 from shitu.fileio import recover, replace_together
 from shitu.formats import SPLITS, Sample, SplitOptions
@@ -114,6 +114,11 @@ def write_lists(root: Path, lists: dict[str, list[Sample]], class_names: Sequenc
             if not name.strip() or "\n" in name or "\r" in name:
                 raise ShituError(f"cannot write class name {name!r} into label.txt (one name per line)")
         files[root / "label.txt"] = "".join(f"{name}\n" for name in class_names).encode("utf-8")
+    for path in files:  # the old content is read (to compare, to back up): never through a link out of the root
+        if path.is_symlink() and resolve_inside(root, path.name)[0] is None:
+            raise ShituError(
+                f"{path.name} is a symbolic link out of the dataset: refusing to read or replace it", path=path
+            )
     recover(root)
     changed = [path for path, data in files.items() if not (path.is_file() and path.read_bytes() == data)]
     backups = replace_together(files)

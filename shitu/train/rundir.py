@@ -221,6 +221,7 @@ def plot_curves(path: Path, history: Sequence[dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     try:
@@ -241,6 +242,8 @@ def plot_curves(path: Path, history: Sequence[dict[str, Any]]) -> None:
         right.set_title("retrieval on gallery/query")
         right.legend()
         right.grid(alpha=0.3)
+        for axis in (left, right):
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         figure.tight_layout()
         with atomic_open(path, "wb", encoding=None) as handle:
             figure.savefig(handle, format="png")

@@ -33,6 +33,7 @@ parameters back to PaddleClas' structured names by reading the program (see :mod
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -183,7 +184,15 @@ _DTYPES: dict[int, str] = {
 }
 
 
+def _remaining(f: BinaryIO) -> int:
+    """Bytes left in ``f`` after its position: sizes read from a corrupt header are checked against it
+    before anything that large is allocated."""
+    return os.fstat(f.fileno()).st_size - f.tell()
+
+
 def _read_exact(f: BinaryIO, n: int, file: Path, what: str) -> bytes:
+    if n > _remaining(f):
+        raise ShituError(f"truncated parameters file (ends inside {what})", path=file)
     data = f.read(n)
     if len(data) != n:
         raise ShituError(f"truncated parameters file (ends inside {what})", path=file)
@@ -213,7 +222,14 @@ def _read_tensor(f: BinaryIO, file: Path, index: int) -> np.ndarray:
         raise ShituError(f"{what}: unsupported data type {data_type}", path=file)
     if any(d < 0 for d in dims):
         raise ShituError(f"{what}: negative dimension in {dims} (corrupt file?)", path=file)
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    count = math.prod(dims)  # exact: numpy's int64 product would wrap around for corrupt dims
+    itemsize = 2 if dtype_name == "bfloat16" else np.dtype(dtype_name).itemsize
+    if count * itemsize > _remaining(f):
+        raise ShituError(
+            f"truncated parameters file ({what} of shape {dims} needs {count * itemsize} bytes, "
+            f"{_remaining(f)} are left)",
+            path=file,
+        )
     if dtype_name == "bfloat16":
         bits = np.empty(count, "<u2")
         _fill(f, bits, file, what)
@@ -283,6 +299,11 @@ class _WireError(Exception):
     pass
 
 
+#: What a corrupt protobuf can make the decoding below raise besides _WireError (a field of the wrong wire
+#: type used as a message or a number, an unhashable enum, a short fixed-size field...).
+_CORRUPT = (_WireError, TypeError, ValueError, struct.error, OverflowError)
+
+
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
@@ -305,6 +326,8 @@ def _signed(value: int) -> int:
 def _fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, Any]]:
     """(field number, wire type, value) for each field of a message: int for varints, bytes-like for
     length-delimited fields, raw 4/8 bytes for fixed32/fixed64."""
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise _WireError("a number where a message was expected")
     view = memoryview(buf)
     pos = 0
     while pos < len(view):
@@ -339,6 +362,8 @@ def _packed_varints(wire: int, value: Any) -> list[int]:
 
 
 def _packed_fixed(wire: int, value: Any, fmt: str, size: int) -> list[float]:
+    if wire == 0:  # bytes(int) would allocate that many bytes
+        raise _WireError("a varint where a fixed-size number was expected")
     raw = bytes(value)
     if wire in (1, 5):
         return [struct.unpack("<" + fmt, raw)[0]]
@@ -360,9 +385,9 @@ def _tensor_desc(buf: bytes | memoryview, file: Path) -> tuple[int, list[int]]:
                 data_type = value
             elif number == 2:
                 dims += [_signed(v) for v in _packed_varints(wire, value)]
-    except _WireError as exc:
+    except _CORRUPT as exc:
         raise ShituError(f"corrupt tensor description ({exc})", path=file) from None
-    if data_type is None:
+    if not isinstance(data_type, int):
         raise ShituError("corrupt tensor description (no data type)", path=file)
     return data_type, dims
 
@@ -513,7 +538,7 @@ def _read_legacy(file: Path) -> _Program:
                 for n2, _, v2 in _fields(value):
                     if n2 == 1:
                         version = _signed(v2)
-    except _WireError as exc:
+    except _CORRUPT as exc:
         raise ShituError(f"not a readable Paddle program (truncated or corrupt protobuf: {exc})", path=file) from None
     if blocks == 0 or not ops:
         raise ShituError("not a Paddle program (no blocks or no operations)", path=file)
@@ -617,6 +642,8 @@ def _read_pir(file: Path) -> _Program:
         doc = json.loads(file.read_bytes())
     except (UnicodeDecodeError, ValueError) as exc:
         raise ShituError(f"not a readable PIR program (truncated or corrupt JSON: {exc})", path=file) from None
+    except RecursionError:
+        raise ShituError("not a readable PIR program (JSON nested too deeply)", path=file) from None
     try:
         if doc["base_code"]["magic"] != "pir":
             raise ShituError("not a PIR program (base_code.magic is not 'pir')", path=file)
@@ -673,6 +700,8 @@ def _read_pir(file: Path) -> _Program:
             ops.append(op)
     except ShituError:
         raise
+    except RecursionError:
+        raise ShituError("not a PIR program this reader understands (regions nested too deeply)", path=file) from None
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise ShituError(
             f"not a PIR program this reader understands ({type(exc).__name__}: {exc})", path=file

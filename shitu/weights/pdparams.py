@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import struct
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,13 +48,39 @@ def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -
     return text.encode("latin1", errors)
 
 
+class _NdarrayType:
+    """Stands for ``numpy.ndarray`` in a pickle. numpy only ever names the class as the first argument of
+    ``_reconstruct``; given to the unpickler as is, ``NEWOBJ`` could call ``ndarray.__new__`` with any shape
+    (an object array of 10⁹ elements is 8 GB written before anything can check it)."""
+
+    def __init__(self) -> None:
+        raise pickle.UnpicklingError("numpy.ndarray may only be named as _reconstruct's subtype")
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's ``_reconstruct`` as its ``ndarray.__reduce__`` uses it: an empty ndarray that the pickle's
+    ``BUILD`` then fills from its own bytes. Any other subtype, or a shape that would allocate, is refused."""
+    if subtype is not _NdarrayType or not isinstance(dtype, bytes):
+        raise pickle.UnpicklingError("refusing _reconstruct of anything but an empty numpy.ndarray")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape) or 0 not in shape:
+        raise pickle.UnpicklingError(f"refusing _reconstruct with shape {shape!r} (numpy always writes an empty one)")
+    return _RECONSTRUCT(np.ndarray, shape, dtype)
+
+
+def _bytearray(source: Any = b"", *args: Any) -> bytearray:
+    """``bytearray`` of the bytes or text a pickle holds; never ``bytearray(n)``, which would allocate n bytes."""
+    if not isinstance(source, (bytes, bytearray, str)):
+        raise pickle.UnpicklingError(f"refusing bytearray({type(source).__name__})")
+    return bytearray(source, *args)
+
+
 # (module, name) → object. Anything not listed is refused: this is the whole trust boundary.
 _ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy.core.multiarray", "scalar"): _SCALAR,
     ("numpy._core.multiarray", "scalar"): _SCALAR,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NdarrayType,
     ("numpy", "dtype"): np.dtype,
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "dict"): dict,
@@ -61,7 +88,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "tuple"): tuple,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytearray"): _bytearray,
     ("__builtin__", "dict"): dict,
     ("__builtin__", "list"): list,
     ("__builtin__", "tuple"): tuple,
@@ -75,7 +102,10 @@ class _Refused(Exception):
         self.qualified = f"{module}.{name}"
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+# pickle's pure-Python unpickler, not the C one: the C unpickler grows its memo to the largest index a
+# PUT opcode names, so five bytes (LONG_BINPUT 2**31) make it allocate and zero 16 GB. The Python one keeps
+# the memo in a dict, and reads Paddle's files (a few opcodes around large byte strings) as fast.
+class _RestrictedUnpickler(pickle._Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED[(module, name)]
@@ -99,7 +129,7 @@ def unpickle_restricted(data: bytes, *, path: str | os.PathLike[str] | None = No
         ) from None
     except ShituError:
         raise
-    except (EOFError, pickle.UnpicklingError) as exc:
+    except (EOFError, pickle.UnpicklingError, struct.error) as exc:
         raise ShituError(f"not a readable .pdparams pickle (truncated or corrupt: {exc})", path=path) from None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, MemoryError) as exc:
         raise ShituError(f"not a readable .pdparams pickle ({type(exc).__name__}: {exc})", path=path) from None
@@ -168,6 +198,8 @@ def load_pdparams(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             )
         if array.dtype.hasobject:
             raise ShituError(f"not a Paddle state dict: {key!r} is an array of Python objects", path=file)
+        if array.dtype.kind not in "biufc":  # text, bytes, records, dates: never a Paddle tensor
+            raise ShituError(f"not a Paddle state dict: {key!r} is an array of {array.dtype} (not numbers)", path=file)
         state[key] = array
     if not state:
         raise ShituError("the state dict holds no arrays", path=file)
