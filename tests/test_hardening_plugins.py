@@ -94,6 +94,14 @@ CASES = {
     "label is text": (Scripted("C", convert=lambda root: plan(*GOOD, labels=(0, "1", 2))), "is not a Sample"),
     "label is bool": (Scripted("C", convert=lambda root: plan(*GOOD, labels=(0, True, 2))), "is not a Sample"),
     "label over int64": (Scripted("C", convert=lambda root: plan(*GOOD, labels=(0, 2**63, 2))), "64-bit integer"),
+    "a list that is text": (
+        Scripted("C", convert=lambda root: ConversionPlan({"train": "images/a.jpg 0", "gallery": [], "query": []})),
+        "lists are not lists of Sample",
+    ),
+    "notes not a list": (
+        Scripted("C", convert=lambda root: ConversionPlan(plan(*GOOD).lists, None, 3)),  # type: ignore[arg-type]
+        "notes are not a list of strings",
+    ),
     "class names not text": (
         Scripted("C", convert=lambda root: ConversionPlan(plan(*GOOD).lists, [1, 2])),
         "class names are not a list of strings",
@@ -167,7 +175,11 @@ def test_exceptions_and_objects_that_cannot_be_printed_are_still_reported(tmp_pa
     ]
     assert errors["answers"] == ["detect_dataset_format returned a BadRepr, not a format name"]
     assert host.dataset_format("StillFine").name == "StillFine"  # the good registration of a faulty plugin stays
-    host._load(PluginInfo("import-time", "unprintable_module"), raising(Unprintable()))  # as an entry point would
+
+    def load_module() -> object:
+        raise Unprintable()
+
+    host._load(PluginInfo("import-time", "unprintable_module"), load_module)  # as an entry point's import
     assert host.plugins["import-time"].errors == [
         "failed to import unprintable_module: Unprintable: (its message cannot be shown)"
     ]

@@ -100,6 +100,11 @@ def _check_plan(name: str, root: Path, plan: object) -> None:
         not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names)
     ):
         raise ShituError(f"the {name} converter's class names are not a list of strings", path=root)
+    notes = getattr(plan, "notes", None)
+    if not isinstance(notes, list) or not all(isinstance(note, str) for note in notes):
+        raise ShituError(f"the {name} converter's notes are not a list of strings", path=root)
+    if not all(isinstance(lists.get(split), list | None) for split in SPLITS):
+        raise ShituError(f"the {name} converter's lists are not lists of Sample", path=root)
     total = sum(len(lists.get(split) or []) for split in SPLITS)
     for split in SPLITS:
         samples = lists.get(split)
@@ -115,7 +120,8 @@ def _check_plan(name: str, root: Path, plan: object) -> None:
                 or isinstance(sample.label, bool)
                 or not isinstance(sample.label, int)
             ):
-                raise ShituError(f"{name} converter: {sample!r} is not a Sample(path: str, label: int)", path=root)
+                shown = repr(sample) if isinstance(sample, Sample) else f"a {type(sample).__name__}"
+                raise ShituError(f"{name} converter: {shown} is not a Sample(path: str, label: int)", path=root)
             problem = path_problem(sample.path)
             if problem is None and ("\n" in sample.path or "\r" in sample.path):
                 problem = f"image path {sample.path!r} holds a line break"
