@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from _machine import cpu_model
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATASET = HERE / ".work" / "grocery3k"
 SPLITS = ("train", "gallery", "query")
@@ -68,14 +70,7 @@ def machine_line() -> str:
     import PIL
     from PIL import features
 
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model("unknown CPU")
     logical = os.cpu_count() or 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
     cores = f"{usable} usable cores" + (f" of {logical}" if usable != logical else "")

@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from _machine import cpu_flags, cpu_model
+
 DIM = 512
 PER_CLASS = 4
 ABSENT_FRACTION = 0.05
@@ -51,17 +53,8 @@ def log(message: str) -> None:
 def machine_line() -> str:
     import numpy as np
 
-    model_from_proc: str | None = None
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model_from_proc is None:
-                model_from_proc = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    model = model_from_proc or platform.processor() or "unknown CPU"
+    flags = cpu_flags()
+    model = cpu_model("unknown CPU")
     logical = os.cpu_count() or 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
     blas = "?"
@@ -71,7 +64,7 @@ def machine_line() -> str:
         blas = f"{info.get('name', '?')} {info.get('version', '')}".strip()
     except Exception:  # numpy < 1.25 or an unusual build: only the name is lost
         pass
-    avx = ", ".join(f"{name} {'yes' if f' {name} ' in f'{flags} ' else 'no'}" for name in ("avx2", "avx512f"))
+    avx = ", ".join(f"{name} {'yes' if name in flags else 'no'}" for name in ("avx2", "avx512f"))
     return (
         f"{model}, {usable} usable cores ({logical} logical), {avx}, Python {platform.python_version()}, "
         f"numpy {np.__version__} ({blas}), {platform.system()} {platform.release()}"

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_flags, cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY = ROOT / ".work" / "parity"
@@ -46,13 +47,7 @@ SIZE = 224
 
 
 def cpu_info() -> dict:
-    text = Path("/proc/cpuinfo").read_text()
-    model, flags = "unknown", set()
-    for line in text.splitlines():
-        if line.startswith("model name") and model == "unknown":
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
+    model, flags = cpu_model(), cpu_flags()
     avx512 = sorted(f for f in flags if f.startswith("avx512"))
     return {
         "model": model,

@@ -21,18 +21,11 @@ import sys
 import time
 from functools import partial
 
+from _machine import cpu_model
+
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        from pathlib import Path
-
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model("unknown CPU")
     return f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, {platform.system()}"
 
 

@@ -1,0 +1,27 @@
+"""What every benchmark prints about the machine: the CPU model and its instruction-set flags."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    """The value of the first ``name`` line of /proc/cpuinfo (None where there is no such file or line)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model(fallback: str = "unknown") -> str:
+    """The CPU's model name, else what ``platform.processor()`` says, else ``fallback``."""
+    return _cpuinfo_field("model name") or platform.processor() or fallback
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (avx2, avx512f, ...); empty where /proc/cpuinfo is missing."""
+    return set((_cpuinfo_field("flags") or "").split())
