@@ -6,13 +6,13 @@ import json
 import math
 import os
 import subprocess
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from paddle_support import PADDLE_PYTHON, require_paddleclas
 
 from shitu.models.heads import ArcMargin
 from shitu.train.losses import (
@@ -30,7 +30,6 @@ jit_triplet = jax.jit(triplet_angular_margin_loss, static_argnames=("normalize_f
 triplet_value_and_grad = jax.jit(jax.value_and_grad(triplet_angular_margin_loss))
 jit_loss = nnx.jit(recognition_loss, static_argnums=(0,), static_argnames=("train",))
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------- numpy references
 
@@ -386,7 +385,6 @@ def test_recipe_for_specs_and_names():
 
 # ------------------------------------------------------------------------------------------ PaddleClas itself
 
-PADDLE_PYTHON = ROOT / ".venv-paddle" / "bin" / "python"
 # xbm.py: imported by the current tripletangularmarginloss.py (for its XBM variant only).
 PADDLECLAS_LOSS_FILES = ("ppcls/loss/celoss.py", "ppcls/loss/tripletangularmarginloss.py", "ppcls/loss/xbm.py")
 
@@ -434,33 +432,9 @@ json.dump(res, open(out, "w"))
 """
 
 
-def _paddleclas_loss_source(tmp_path: Path) -> Path | None:
-    """A folder with PaddleClas' loss files: $SHITU_PADDLECLAS_SRC (a checkout), .work/paddleclas_src, or a
-    local git mirror of PaddleClas."""
-    candidates = [Path(p) for p in (os.environ.get("SHITU_PADDLECLAS_SRC"),) if p]
-    candidates.append(ROOT / ".work" / "paddleclas_src")
-    for folder in candidates:
-        if all((folder / f).is_file() for f in PADDLECLAS_LOSS_FILES):
-            return folder
-    mirror = Path("/work/.mirror/PaddlePaddle+PaddleClas/repo")
-    if not mirror.is_dir():
-        return None
-    for name in PADDLECLAS_LOSS_FILES:
-        shown = subprocess.run(["git", "--git-dir", str(mirror), "show", f"HEAD:{name}"], capture_output=True)
-        if shown.returncode != 0:
-            return None
-        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "src" / name).write_bytes(shown.stdout)
-    return tmp_path / "src"
-
-
 @pytest.mark.slow
 def test_losses_match_paddleclas_itself(tmp_path):
-    if not PADDLE_PYTHON.is_file():
-        pytest.skip("no Paddle environment at .venv-paddle")
-    source = _paddleclas_loss_source(tmp_path)
-    if source is None:
-        pytest.skip("PaddleClas sources not found (set SHITU_PADDLECLAS_SRC to a PaddleClas checkout)")
+    source = require_paddleclas(PADDLECLAS_LOSS_FILES, tmp_path)
     rng = np.random.default_rng(11)
     labels = pk_labels(rng, 6, 4, num_classes=9)
     features = rng.standard_normal((24, 16)).astype(np.float32)

@@ -7,18 +7,16 @@ import math
 import os
 import subprocess
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from paddle_support import PADDLE_PYTHON, require_paddleclas
 
 from shitu.errors import ShituError
 from shitu.evaluation import metrics as metrics_module
 from shitu.evaluation.metrics import retrieval_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------------ references
 
@@ -312,7 +310,6 @@ def test_paddlex_mode_averages_blocks_not_queries():
 
 # ------------------------------------------------------------------------------------------------ PaddleClas itself
 
-PADDLE_PYTHON = ROOT / ".venv-paddle" / "bin" / "python"
 PADDLECLAS_FILES = ("ppcls/engine/evaluation/retrieval.py", "ppcls/metric/metrics.py", "ppcls/metric/avg_metrics.py")
 
 # Runs inside the Paddle environment: PaddleClas' own retrieval_eval with its Recallk and mAP classes, on features
@@ -361,35 +358,9 @@ with open(out, "w") as handle:
 """
 
 
-def _paddleclas_source(tmp_path: Path) -> Path | None:
-    """A folder holding PaddleClas' three source files: $SHITU_PADDLECLAS_SRC (a PaddleClas checkout),
-    .work/paddleclas_src, or extracted from a local git mirror of PaddleClas."""
-    candidates = [Path(p) for p in (os.environ.get("SHITU_PADDLECLAS_SRC"),) if p]
-    candidates.append(ROOT / ".work" / "paddleclas_src")
-    for folder in candidates:
-        if all((folder / f).is_file() for f in PADDLECLAS_FILES):
-            return folder
-    mirror = Path("/work/.mirror/PaddlePaddle+PaddleClas/repo")
-    if mirror.is_dir():
-        for name in PADDLECLAS_FILES:
-            shown = subprocess.run(
-                ["git", "--git-dir", str(mirror), "show", f"HEAD:{name}"], capture_output=True, check=False
-            )
-            if shown.returncode != 0:
-                return None
-            (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / "src" / name).write_bytes(shown.stdout)
-        return tmp_path / "src"
-    return None
-
-
 @pytest.mark.slow
 def test_paddlex_mode_matches_paddleclas_itself(tmp_path):
-    if not PADDLE_PYTHON.is_file():
-        pytest.skip("no Paddle environment at .venv-paddle")
-    source = _paddleclas_source(tmp_path)
-    if source is None:
-        pytest.skip("PaddleClas sources not found (set SHITU_PADDLECLAS_SRC to a PaddleClas checkout)")
+    source = require_paddleclas(PADDLECLAS_FILES, tmp_path)
     rng = np.random.default_rng(7)
     # Continuous random features (no exact ties: Paddle's argsort does not order ties by index).
     query = rng.standard_normal((150, 16)).astype(np.float32)

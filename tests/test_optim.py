@@ -7,18 +7,16 @@ import json
 import math
 import os
 import subprocess
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from paddle_support import PADDLE_PYTHON, require_paddleclas
 
 from shitu.errors import ShituError
 from shitu.train.optim import lr_schedule, make_optimizer, parameter_groups, warmup_and_decay_steps
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +260,6 @@ def test_zero_weight_decay_is_plain_momentum(small_model):
 
 # ------------------------------------------------------------------------------------------ PaddleClas itself
 
-PADDLE_PYTHON = ROOT / ".venv-paddle" / "bin" / "python"
 PADDLECLAS_OPTIM_FILES = ("ppcls/optimizer/learning_rate.py", "ppcls/optimizer/optimizer.py")
 
 # Runs inside the Paddle environment: PaddleClas' own Cosine LR (LinearWarmup + CosineAnnealingDecay) and its
@@ -315,34 +312,11 @@ json.dump(res, open(out, "w"))
 """
 
 
-def _paddleclas_optim_source(tmp_path: Path) -> Path | None:
-    """PaddleClas' optimizer files: $SHITU_PADDLECLAS_SRC, .work/paddleclas_src, or a local git mirror."""
-    candidates = [Path(p) for p in (os.environ.get("SHITU_PADDLECLAS_SRC"),) if p]
-    candidates.append(ROOT / ".work" / "paddleclas_src")
-    for folder in candidates:
-        if all((folder / f).is_file() for f in PADDLECLAS_OPTIM_FILES):
-            return folder
-    mirror = Path("/work/.mirror/PaddlePaddle+PaddleClas/repo")
-    if not mirror.is_dir():
-        return None
-    for name in PADDLECLAS_OPTIM_FILES:
-        shown = subprocess.run(["git", "--git-dir", str(mirror), "show", f"HEAD:{name}"], capture_output=True)
-        if shown.returncode != 0:
-            return None
-        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "src" / name).write_bytes(shown.stdout)
-    return tmp_path / "src"
-
-
 @pytest.mark.slow
 def test_schedule_and_update_match_paddleclas_itself(tmp_path):
     from shitu.models.pplcnetv2 import build_pp_shituv2_rec
 
-    if not PADDLE_PYTHON.is_file():
-        pytest.skip("no Paddle environment at .venv-paddle")
-    source = _paddleclas_optim_source(tmp_path)
-    if source is None:
-        pytest.skip("PaddleClas sources not found (set SHITU_PADDLECLAS_SRC to a PaddleClas checkout)")
+    source = require_paddleclas(PADDLECLAS_OPTIM_FILES, tmp_path)
     # Paddle needs an integer T_max, so whole warmup epochs here.
     configs = [[0.01, 20, 5, 7], [0.06, 4, 1, 5], [0.02, 3, 0, 4], [0.001, 3, 5, 4], [0.1, 2, 2, 3]]
     train_config = [0.1, 2, 1, 3]
