@@ -159,8 +159,10 @@ def check_after_kill(scenario: Scenario, root: Path, outcomes: Counter[str]) -> 
             assert scenario.old[split] in backups, f"the old {split}.txt was lost"
 
 
-def count_steps(scenario: Scenario, root: Path, wrapper: Path) -> int:
-    process = subprocess.Popen(
+def start_stepped(scenario: Scenario, root: Path, wrapper: Path) -> subprocess.Popen[str]:
+    """The scenario's command under ``wrapper``, which prints a line before each file-system step and waits
+    for one on stdin."""
+    return subprocess.Popen(
         [sys.executable, str(wrapper), *scenario.command(root)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -168,6 +170,10 @@ def count_steps(scenario: Scenario, root: Path, wrapper: Path) -> int:
         text=True,
         env=ENV,
     )
+
+
+def count_steps(scenario: Scenario, root: Path, wrapper: Path) -> int:
+    process = start_stepped(scenario, root, wrapper)
     steps = 0
     assert process.stdout is not None and process.stdin is not None
     while process.stdout.readline():
@@ -180,14 +186,7 @@ def count_steps(scenario: Scenario, root: Path, wrapper: Path) -> int:
 
 
 def kill_before_step(scenario: Scenario, root: Path, wrapper: Path, step: int) -> None:
-    process = subprocess.Popen(
-        [sys.executable, str(wrapper), *scenario.command(root)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=ENV,
-    )
+    process = start_stepped(scenario, root, wrapper)
     assert process.stdout is not None and process.stdin is not None
     for _ in range(step):
         assert process.stdout.readline()
