@@ -17,7 +17,6 @@ Budgets (the bundled set has 20 products: 120 train, 40 gallery, 60 query photos
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -323,8 +322,10 @@ def _write_report(out: Path, result: DemoResult, trained: Any, root: Path) -> Pa
         + '<p class="note">Each query photo is matched against the gallery (a catalogue picture and one photo per '
         "product); Recall@k = share of queries whose k best matches include the right product.</p>",
     )
-    curves = _find(out / "train", ("train_curves.png", "curves.png"))
-    if curves is not None:
+    from shitu.train.rundir import CURVES
+
+    curves = out / "train" / CURVES
+    if curves.is_file():
         report.add("Training", png_tag(curves, "loss and recall curves"))
     names = _label_names(root)
     grid_rows = [
@@ -357,15 +358,3 @@ def _write_report(out: Path, result: DemoResult, trained: Any, root: Path) -> Pa
         + "</ul>",
     )  # fmt: skip
     return report.write(out / REPORT_FILE)
-
-
-def _find(folder: Path, names: tuple[str, ...]) -> Path | None:
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    matches = sorted(folder.glob("*.png"))
-    return matches[0] if matches else None
-
-
-def summary_json(result: DemoResult) -> str:
-    return json.dumps(result.to_json(), ensure_ascii=False)
