@@ -64,15 +64,21 @@ def test_fresh_install_runs_the_demo(tmp_path):
                  "index/index.json", "check/check_dataset_result.json"):  # fmt: skip
         assert (out / name).is_file(), name
     assert json.loads((out / "demo_result.json").read_text()) == document
-    for stage in ("check", "evaluate untrained", "train", "evaluate trained", "index", "search"):
+    stages = ("check", "evaluate untrained", "evaluate starting weights", "train", "evaluate trained", "index")
+    for stage in (*stages, "search"):
         assert document["seconds"][stage] >= 0
     for key in ("recall1", "recall5", "mAP"):
-        assert 0.0 <= document["metrics_before"][key] <= 1.0
-        assert 0.0 <= document["metrics_after"][key] <= 1.0
+        for measured in ("metrics_before", "metrics_start", "metrics_after"):
+            assert 0.0 <= document[measured][key] <= 1.0
     assert document["metrics_after"]["recall5"] >= document["metrics_after"]["recall1"]
-    assert len(document["search"]) > 0 and all(len(item["hits"]) == 5 for item in document["search"])
+    # random weights are near chance (1 in 20); the starting weights and the fine-tuned model are far above it
+    assert document["metrics_before"]["recall1"] < 0.3
+    assert document["metrics_after"]["recall1"] > document["metrics_before"]["recall1"] + 0.15
+    assert len(document["search"]) == 60 and all(len(item["hits"]) == 5 for item in document["search"])
+    right = sum(item["predicted_label"] == item["label"] for item in document["search"])
+    assert document["search_accuracy"] == right / 60
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "http://" not in html and "https://" not in html  # self-contained: opens without a network
-    assert html.count("data:image/jpeg;base64,") >= 6 * len(document["search"])
+    assert html.count("data:image/jpeg;base64,") >= 6 * 12  # 12 query photos shown, each with 5 matches
     print(f"\ndemo: {sum(document['seconds'].values()):.0f} s; recall1 {document['metrics_before']['recall1']:.3f} "
           f"→ {document['metrics_after']['recall1']:.3f}", file=sys.stderr)  # fmt: skip
