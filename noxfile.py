@@ -27,6 +27,16 @@ def slow(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def distributed(session: nox.Session) -> None:
+    """Multi-process runs on this machine (2 processes joined by JAX's distributed runtime, Gloo on the CPU):
+    training, stop and resume, evaluation and index building against one process."""
+    session.install("-e", ".[dev]")
+    session.run(
+        "pytest", "-m", "slow or not slow", "tests/test_multiprocess.py", "tests/test_distributed.py", *session.posargs
+    )
+
+
+@nox.session(python=PYTHON)
 def reliability(session: nox.Session) -> None:
     """The hardening checks of docs/RELIABILITY.md, long form: every fuzzer with SHITU_FUZZ_SCALE (default 10)
     times its examples, every kill loop and every damaged bundle (the slow tests included)."""

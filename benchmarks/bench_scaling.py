@@ -8,6 +8,11 @@ because the devices share the same cores.
 
     python benchmarks/bench_scaling.py                       # every local GPU/TPU (or the one CPU device)
     python benchmarks/bench_scaling.py --cpu-devices 4       # 1, 2, 4 simulated CPU devices
+    python benchmarks/bench_scaling.py --processes 2         # 1 process, then 2 processes of 1 device each
+
+``--processes N`` starts N processes on this machine joined by JAX's distributed runtime (a local
+coordinator; Gloo's collectives on the CPU), one device each, as ``shitu train --coordinator ...`` would: it
+measures what the cross-process all-reduce costs per step (on a CPU-only host the processes share its cores).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def measure(devices: int, per_device_batch: int, size: int, scale: float, steps:
     configure_jax()
     chosen = jax.devices()[:devices]
     batch = per_device_batch * len(chosen)
+    processes = jax.process_count()
     classes = max(2, batch // 4)
     spec = get_host().model("PP-ShiTuV2_rec")
     model = spec.build(classes, scale=scale)
@@ -56,7 +62,8 @@ def measure(devices: int, per_device_batch: int, size: int, scale: float, steps:
     images = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
     labels = np.repeat(np.arange(batch // 4, dtype=np.int32), 4)
     compiled = step.compile(state, images.shape)
-    x, y = step.shard_batch(images, labels)
+    rows = slice(batch * jax.process_index() // processes, batch * (jax.process_index() + 1) // processes)
+    x, y = step.shard_batch(images[rows], labels[rows])  # this process's rows of the global batch
     state, metrics = step(state, x, y, 0)  # first run (allocations), not timed
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -67,6 +74,7 @@ def measure(devices: int, per_device_batch: int, size: int, scale: float, steps:
     rate = batch * steps / seconds
     return {
         "platform": chosen[0].platform,
+        "processes": processes,
         "devices": len(chosen),
         "global_batch": batch,
         "input": size,
@@ -84,14 +92,63 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="PP-LCNetV2 width (1.0 = the published model)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--cpu-devices", type=int, default=0, help="split the CPU into this many XLA devices")
+    parser.add_argument("--processes", type=int, default=0, help="compare 1 process with this many (1 device each)")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if args.coordinator:
+            from shitu.distributed import initialize
+
+            initialize(coordinator=args.coordinator, num_processes=args.processes, process_id=args.process_id)
         result = measure(args.child, args.per_device_batch, args.size, args.scale, args.steps)
-        print(json.dumps(result))
+        if args.process_id == 0:
+            print(json.dumps(result))
         return
 
     print(f"machine: {machine()}")
+    rows = [_run_processes(1, args), _run_processes(args.processes, args)] if args.processes else _run_devices(args)
+    base = rows[0]["images_per_s"]
+    print("| platform | processes | devices | global batch | input | compile s | images/s | per device | vs 1 device |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['platform']} | {row['processes']} | {row['devices']} | {row['global_batch']} | {row['input']} "
+            f"| {row['compile_s']} | {row['images_per_s']} | {row['images_per_s_per_device']} "
+            f"| {row['images_per_s'] / base:.2f}× |"
+        )
+
+
+def _child_command(devices: int, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, __file__, "--child", str(devices), "--per-device-batch", str(args.per_device_batch),
+            "--size", str(args.size), "--scale", str(args.scale), "--steps", str(args.steps)]  # fmt: skip
+
+
+def _run_processes(count: int, args: argparse.Namespace) -> dict:
+    """One measurement over ``count`` local processes of one CPU device each (process 0's numbers)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    started = []
+    for index in range(count):
+        command = _child_command(count, args)
+        if count > 1:
+            command += ["--processes", str(count), "--coordinator", f"127.0.0.1:{port}", "--process-id", str(index)]
+        started.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate() for process in started]
+    for process, (_, stderr) in zip(started, outputs, strict=True):
+        if process.returncode != 0:
+            print(stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"measuring {count} process(es) failed")
+    return json.loads(outputs[0][0].strip().splitlines()[-1])
+
+
+def _run_devices(args: argparse.Namespace) -> list[dict]:
+    """One measurement per device count 1, 2, 4, ... in one process each."""
     if args.cpu_devices:
         counts, env_for = [], {}
         n = 1
@@ -107,21 +164,13 @@ def main() -> None:
         env_for = {}
     rows = []
     for n in counts:
-        command = [sys.executable, __file__, "--child", str(n), "--per-device-batch", str(args.per_device_batch),
-                   "--size", str(args.size), "--scale", str(args.scale), "--steps", str(args.steps)]  # fmt: skip
+        command = _child_command(n, args)
         done = subprocess.run(command, env={**os.environ, **env_for}, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(done.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"measuring {n} device(s) failed")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    base = rows[0]["images_per_s"]
-    print("| platform | devices | global batch | input | compile s | images/s | per device | vs 1 device |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(
-            f"| {row['platform']} | {row['devices']} | {row['global_batch']} | {row['input']} | {row['compile_s']} "
-            f"| {row['images_per_s']} | {row['images_per_s_per_device']} | {row['images_per_s'] / base:.2f}× |"
-        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -8,14 +8,21 @@ the cross-process collectives are Gloo's (JAX's default), so the same code runs 
 cluster. After it, ``jax.devices()`` lists every process's devices and one global mesh spans them all.
 
 Only process 0 writes logs and result files (:func:`is_primary`); Orbax checkpoints are saved by every
-process, as Orbax requires.
+process, as Orbax requires. Decisions that read the disk (is the output folder free? is the run complete?) are
+taken by process 0 and handed to the others (:func:`run_on_primary`, :func:`broadcast_json`), so the
+processes never disagree because one of them looked a moment later. :func:`embed_sharded` splits an embedding
+job over the processes (contiguous shards) and gathers the features in every process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from shitu.errors import ShituError
 
@@ -27,7 +34,12 @@ _CLUSTER_MARKERS: dict[str, tuple[str, ...]] = {
     "cloud-tpu": ("TPU_WORKER_HOSTNAMES",),
 }
 
+#: The variables that set the job explicitly (as --coordinator, --num-processes, --process-id).
+ENVIRONMENT_VARIABLES = ("SHITU_COORDINATOR", "SHITU_NUM_PROCESSES", "SHITU_PROCESS_ID")
+
 _state: dict[str, Any] = {"initialized": False, "info": None}
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,11 @@ def initialize(
         except (RuntimeError, ValueError) as exc:
             message = " ".join(str(exc).split())[:300]
             raise ShituError(f"cannot join the distributed job ({source}): {message}") from None
+        if jax.process_count() > 1:
+            # The first collective connects the processes; Gloo (the CPU collectives) then prints a line on
+            # the C-level stdout, which belongs to --json: connect now, with that stdout sent to stderr.
+            with _stdout_to_stderr():
+                sync("shitu:initialize")
     info = ProcessInfo(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -144,10 +161,53 @@ def initialize(
     return info
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 points at stderr inside (what native libraries print there too)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def is_primary() -> bool:
-    """True in the process that writes logs and result files (process 0, or a lone process)."""
+    """True in the process that writes logs and result files (process 0, or a lone process).
+
+    Before :func:`initialize` ran, JAX is asked when it is already loaded (a caller that started the runtime
+    with ``jax.distributed.initialize`` itself); otherwise the process is alone."""
     info = _state["info"]
-    return info is None or info.process_index == 0
+    if info is not None:
+        return info.process_index == 0
+    return process_index() == 0
+
+
+def process_index() -> int:
+    """This process's index in the job (0 for a lone process)."""
+    info = _state["info"]
+    if info is not None:
+        return info.process_index
+    if "jax" not in sys.modules:
+        return 0
+    import jax
+
+    return jax.process_index()
+
+
+def process_count() -> int:
+    """How many processes the job has (1 for a lone process)."""
+    info = _state["info"]
+    if info is not None:
+        return info.process_count
+    if "jax" not in sys.modules:
+        return 1
+    import jax
+
+    return jax.process_count()
 
 
 def process_info() -> ProcessInfo | None:
@@ -172,3 +232,200 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------------------------- devices
+
+
+def local_device(devices: Sequence[Any]) -> Any:
+    """The first of ``devices`` this process can address (in a lone process: the first)."""
+    import jax
+
+    here = jax.process_index()
+    for device in devices:
+        if device.process_index == here:
+            return device
+    raise ShituError(f"none of the {len(devices)} selected devices belongs to process {here}")
+
+
+def local_copy(tree: Any, device: Any) -> Any:
+    """``tree``'s arrays on ``device`` (one of this process's). A replicated array that spans other processes'
+    devices is read from this process's own copy (``addressable_data(0)``), never fetched across hosts."""
+    import jax
+
+    def copy(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            if not leaf.is_fully_replicated:
+                raise ShituError("cannot take a local copy of an array sharded over several processes")
+            leaf = leaf.addressable_data(0)
+        return jax.device_put(leaf, device)
+
+    return jax.tree.map(copy, tree)
+
+
+def host_model(model: Any) -> Any:
+    """A copy of the NNX ``model`` whose arrays are host (numpy) arrays: what one process can write alone
+    in a multi-process run (Orbax refuses a process-local ``jax.Array`` there)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_get(state))
+
+
+@contextlib.contextmanager
+def orbax_alone() -> Iterator[None]:
+    """Within it, the ``orbax.checkpoint.StandardCheckpointer``s created (e.g. by
+    :func:`shitu.bundle.save_bundle`) act for this process alone: no barrier waits for the other processes.
+    A no-op in a lone process.
+
+    Why a patch: a bundle is written by process 0 only, and ``save_bundle`` does not take Orbax's
+    ``MultiprocessingOptions``; giving it ``MultiprocessingOptions(primary_host=i, active_processes={i})``
+    (and host arrays) would make this unnecessary."""
+    if process_count() == 1:
+        yield
+        return
+    import functools
+
+    import orbax.checkpoint as ocp
+
+    here = process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here})
+    original = ocp.StandardCheckpointer
+    ocp.StandardCheckpointer = functools.partial(original, multiprocessing_options=options)
+    try:
+        yield
+    finally:
+        ocp.StandardCheckpointer = original
+
+
+# ----------------------------------------------------------------------------------------------- agreement
+
+_BROADCAST_BYTES = 1 << 16
+
+
+def broadcast_json(value: Any, *, size: int = _BROADCAST_BYTES) -> Any:
+    """Process 0's ``value`` (anything JSON can carry, at most ``size`` bytes encoded) in every process; a
+    lone process gets its own value back without any collective."""
+    if process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    buffer = np.zeros((size,), np.uint8)
+    if process_index() == 0:
+        encoded = json.dumps(value).encode()
+        if len(encoded) > size:
+            raise ShituError(f"broadcast_json: {len(encoded)} bytes do not fit in {size}")
+        buffer[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return json.loads(received.tobytes().rstrip(b"\0").decode())
+
+
+def run_on_primary(function: Callable[[], T], *, what: str = "the primary process's check") -> T | None:
+    """Call ``function`` in process 0 only and tell every process how it went: its ShituError is raised in
+    every process (same message, file and hint), so no process waits for a partner that gave up. Returns
+    ``function()``'s result in process 0 and None elsewhere (a lone process simply calls it)."""
+    if process_count() == 1:
+        return function()
+    result: T | None = None
+    outcome: dict[str, Any] = {"ok": True}
+    if process_index() == 0:
+        try:
+            result = function()
+        except ShituError as exc:
+            outcome = {"ok": False, "message": exc.message, "path": exc.path, "line": exc.line, "hint": exc.hint}
+            broadcast_json(outcome)
+            raise
+        except BaseException:
+            broadcast_json({"ok": False, "message": f"process 0 failed in {what}"})
+            raise
+    outcome = broadcast_json(outcome)
+    if not outcome["ok"] and process_index() != 0:
+        raise ShituError(
+            outcome["message"], path=outcome.get("path"), line=outcome.get("line"), hint=outcome.get("hint")
+        )
+    return result
+
+
+def any_process(flag: bool) -> bool:
+    """True in every process when ``flag`` is true in any (e.g. one of them was asked to stop)."""
+    if process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
+
+def allgather_json(value: Any) -> list[Any]:
+    """Every process's ``value`` (JSON-able), in process order."""
+    if process_count() == 1:
+        return [value]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(encoded)))).reshape(-1)
+    buffer = np.zeros((int(lengths.max()),), np.uint8)
+    buffer[: len(encoded)] = encoded
+    gathered = np.asarray(multihost_utils.process_allgather(buffer)).reshape(len(lengths), -1)
+    return [json.loads(row[:n].tobytes().decode()) for row, n in zip(gathered, lengths, strict=True)]
+
+
+def allgather_rows(rows: Any) -> Any:
+    """The rows ([n_i, ...] arrays, n_i may differ) of every process concatenated in process order."""
+    import numpy as np
+
+    rows = np.asarray(rows)
+    if process_count() == 1:
+        return rows
+    from jax.experimental import multihost_utils
+
+    counts = np.asarray(multihost_utils.process_allgather(np.int32(rows.shape[0]))).reshape(-1)
+    padded = np.zeros((max(int(counts.max()), 1), *rows.shape[1:]), rows.dtype)
+    padded[: rows.shape[0]] = rows
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([gathered[i, : int(n)] for i, n in enumerate(counts)])
+
+
+# ----------------------------------------------------------------------------------------------- sharded work
+
+
+def shard_range(total: int, index: int | None = None, count: int | None = None) -> range:
+    """The contiguous block of ``range(total)`` process ``index`` of ``count`` handles (default: this one);
+    blocks differ in size by at most one and, in process order, cover everything once."""
+    index = process_index() if index is None else index
+    count = process_count() if count is None else count
+    return range(total * index // count, total * (index + 1) // count)
+
+
+def embed_sharded(
+    recognizer: Any, sources: Sequence[Any], *, batch_size: int = 32, progress: Callable[[int], None] | None = None
+) -> Any:
+    """``recognizer.embed(sources)`` with the work split over the processes: each embeds its contiguous shard
+    (:func:`shard_range`), then every process gets the whole :class:`~shitu.recognizer.Embedded` (features in
+    input order, positions and failures counted in ``sources``). ``progress`` counts this process's images.
+    A lone process just calls ``recognizer.embed``."""
+    import numpy as np
+
+    from shitu.recognizer import Embedded, EmbedFailure
+
+    if process_count() == 1:
+        return recognizer.embed(sources, batch_size=batch_size, progress=progress)
+    sources = list(sources)
+    shard = shard_range(len(sources))
+    local = recognizer.embed(sources[shard.start : shard.stop], batch_size=batch_size, progress=progress)
+    features = np.asarray(local.features, np.float32)
+    if not local.indices:  # an empty shard (fewer images than processes) or no readable image
+        features = np.zeros((0, int(recognizer.embedding_size)), np.float32)
+    parts = allgather_json(
+        {
+            "indices": [shard.start + int(i) for i in local.indices],
+            "failures": [[shard.start + int(f.index), f.message] for f in local.failures],
+        }
+    )
+    gathered = allgather_rows(features)
+    indices = [i for part in parts for i in part["indices"]]
+    failures = [EmbedFailure(index=i, source=sources[i], message=m) for part in parts for i, m in part["failures"]]
+    return Embedded(features=gathered.astype(np.float32, copy=False), indices=indices, failures=failures)

@@ -8,6 +8,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shitu.cli._distributed import (
+    CoordinatorOption,
+    DistributedOption,
+    NumProcessesOption,
+    ProcessIdOption,
+    join,
+)
 from shitu.cli._options import JsonOption, OverrideOption
 from shitu.cli._output import Output
 from shitu.errors import ShituError
@@ -54,19 +61,25 @@ def eval_command(
     ] = None,
     override: OverrideOption = None,
     json: JsonOption = False,
+    distributed: DistributedOption = False,
+    coordinator: CoordinatorOption = None,
+    num_processes: NumProcessesOption = None,
+    process_id: ProcessIdOption = None,
 ) -> int:
     """Evaluate a model: embed gallery.txt and query.txt, then Recall@k and mAP (cosine similarity).
 
     Writes OUTPUT/evaluate_result.json as PaddleX: {"done_flag": true, "metrics": {"recall1", "recall5",
     "mAP"}} with the rest (all k, counts, per-class) under "details". A bad list line or an unreadable image is
     an error naming the list file and line: no image is skipped.
+
+    With several processes (--distributed, or --coordinator/--num-processes/--process-id) each embeds its
+    share of the images; process 0 computes the metrics and writes the files.
     """
     from shitu.evaluation.evaluate import evaluate_dataset, read_eval_lists, write_evaluate_result
     from shitu.evaluation.metrics import MODES
     from shitu.recognizer import load_recognizer
     from shitu.runtime import configure_jax
 
-    out = Output(json)
     if (model_dir is None) == (model is None):
         raise ShituError("give either --model-dir BUNDLE or --model NAME")
     if mode not in MODES:
@@ -80,9 +93,12 @@ def eval_command(
     read_eval_lists(Path(dataset_dir))  # a bad list line fails here, before the model is loaded
     output_dir = Path(output if output is not None else config.get("Global.output", "output"))
     size = input_size if input_size is not None else _override_value(overrides, "Train.input_size", config)
+
+    out, primary = join(
+        json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
+    )
     if model is not None:
         out.warning(f"{model} has RANDOM weights: these metrics only show that the pipeline runs")
-
     configure_jax()
     recognizer = load_recognizer(model_dir if model_dir is not None else str(model), input_size=size)
     with out.progress() as progress:
@@ -93,11 +109,13 @@ def eval_command(
             topk=ks,
             mode=mode,
             progress=progress,
-            examples=(output_dir / "examples.png", examples) if examples else None,
+            examples=(output_dir / "examples.png", examples) if examples and primary else None,
             sim_block_size=int(config.get("Evaluate.sim_block_size", 64)),
             per_class=per_class,
             confusion_pairs=MAX_CONFUSED_PAIRS if per_class else 0,
         )
+    if not primary:  # process 0 writes and prints the results
+        return 0
     details = result.to_json()
     written = write_evaluate_result(output_dir, result.metrics, details)
     for warning in result.warnings:

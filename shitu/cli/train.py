@@ -7,6 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
+from shitu.cli._distributed import (
+    CoordinatorOption,
+    DistributedOption,
+    NumProcessesOption,
+    ProcessIdOption,
+    join,
+)
 from shitu.cli._options import JsonOption, OverrideOption
 from shitu.cli._output import Output
 from shitu.errors import ShituError
@@ -41,6 +48,10 @@ def train_command(
     ] = False,
     override: OverrideOption = None,
     json: JsonOption = False,
+    distributed: DistributedOption = False,
+    coordinator: CoordinatorOption = None,
+    num_processes: NumProcessesOption = None,
+    process_id: ProcessIdOption = None,
 ) -> int:
     """Train a model; evaluate Recall@1/5 and mAP on gallery/query every Train.eval_interval epochs.
 
@@ -52,13 +63,19 @@ def train_command(
 
     Ctrl-C saves a checkpoint and exits 130; --resume continues exactly. With --json: one JSON line per epoch
     on stdout, then a summary line.
+
+    Many processes (hosts): start the same command in each with --distributed (SLURM, Open MPI, Kubernetes)
+    or --coordinator HOST:PORT --num-processes N --process-id I; one global mesh spans every device, and only
+    process 0 writes the outputs and prints.
     """
     from shitu.config import load_config
     from shitu.train.trainer import TrainingInterrupted, train
 
-    out = Output(json)
     if resume and overwrite:
         raise ShituError("give --resume or --overwrite, not both")
+    out, _ = join(
+        json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
+    )
     overrides = list(override or [])
     config = _resume_config(output, model, overrides) if resume else load_config(model or DEFAULT_MODEL, overrides)
     renderer = _Renderer(out)

@@ -92,15 +92,19 @@ def embed_entries(
     progress: Progress | None = None,
 ) -> np.ndarray:
     """Features [N, D] of the listed images, in list order; a ShituError naming the list line of the first
-    image that cannot be read (evaluation must not skip images)."""
+    image that cannot be read (evaluation must not skip images). In a multi-process run each process embeds
+    its share and every process gets all the features (:func:`shitu.distributed.embed_sharded`)."""
+    from shitu.distributed import embed_sharded, shard_range
+
     sources = [root / entry.sample.path for entry in entries]
     total = len(sources)
+    here = len(shard_range(total))  # what this process embeds (and its progress counts)
 
     def advance(count: int) -> None:
         if progress is not None:
-            progress(stage, count, total)
+            progress(stage, count, here)
 
-    embedded = recognizer.embed(sources, batch_size=batch_size, progress=advance)
+    embedded = embed_sharded(recognizer, sources, batch_size=batch_size, progress=advance)
     if embedded.failures:
         failure = embedded.failures[0]
         entry = entries[failure.index]

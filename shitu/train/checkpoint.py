@@ -16,6 +16,9 @@ killed while saving leaves the previous checkpoints intact (the unfinished folde
 by the next save); ``max_to_keep`` keeps the newest N. RNG state is not stored as arrays: the trainer
 derives every random key from (seed, iteration), both in ``meta``.
 
+In a multi-process run every method that reads or writes a checkpoint must be called by every process
+(Orbax synchronises them: process 0 writes ``meta`` and the replicated arrays, and every process reads).
+
 Saving is synchronous: the arrays are copied to the host (packing) and written before the call returns (the
 trainer donates its buffers to the next step); the files are small next to an epoch of training.
 """
@@ -99,7 +102,8 @@ class CheckpointStore:
         return self.directory / str(iteration)
 
     def read_meta(self, iteration: int) -> dict[str, Any]:
-        """Only the JSON part of checkpoint ``iteration`` (cheap: no arrays are read)."""
+        """Only the JSON part of checkpoint ``iteration`` (cheap: no arrays are read). Like every Orbax
+        restore, a collective in a multi-process run: call it from every process."""
         import orbax.checkpoint as ocp
 
         try:

@@ -18,6 +18,7 @@ N GPUs, multiply it by N to train as PaddleX does); the result does not depend o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -286,6 +287,17 @@ class _StopFlag:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
+    def agreed(self) -> bool:
+        """Whether to stop now, the same answer in every process of a multi-process run (a signal reaches
+        them at different steps; they must stop at the same one, or the collectives would hang)."""
+        from shitu.distributed import any_process, process_count
+
+        if process_count() == 1:
+            return self.requested is not None
+        if any_process(self.requested is not None) and self.requested is None:
+            self.requested = "a stop in another process"
+        return self.requested is not None
+
 
 # ----------------------------------------------------------------------------------------------- caches
 
@@ -518,21 +530,30 @@ def train(
     train_list_sha = _sha256(dataset_path / "train.txt") if (dataset_path / "train.txt").is_file() else ""
 
     # -- the output folder ---------------------------------------------------------------------------
+    # Process 0 alone locks, checks and prepares the folder; the others follow its verdict (they would
+    # otherwise see the lock taken, or the files process 0 has just written, and refuse).
+    from shitu.distributed import local_device, run_on_primary
+
     primary = is_primary()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with rundir.run_lock(out_dir):
-        existing = rundir.existing_run_entries(out_dir)
-        if existing and not resume and not overwrite:
-            raise ShituError(
-                f"this folder holds another training run ({', '.join(existing[:3])})",
-                path=out_dir,
-                hint="--resume continues it, --overwrite replaces it, or choose another --output",
-            )
+    with contextlib.ExitStack() as folder_lock:
+
+        def prepare_folder() -> Path | None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            folder_lock.enter_context(rundir.run_lock(out_dir))
+            existing = rundir.existing_run_entries(out_dir)
+            if existing and not resume and not overwrite:
+                raise ShituError(
+                    f"this folder holds another training run ({', '.join(existing[:3])})",
+                    path=out_dir,
+                    hint="--resume continues it, --overwrite replaces it, or choose another --output",
+                )
+            if resume and not (out_dir / rundir.CHECKPOINTS).is_dir():
+                raise ShituError("nothing to resume: the run in this folder has no checkpoint yet", path=out_dir)
+            return rundir.move_previous_run(out_dir) if (overwrite and not resume and existing) else None
+
+        aside = run_on_primary(prepare_folder, what="preparing the output folder")
         from shitu.train.checkpoint import CheckpointStore
 
-        if resume and not (out_dir / rundir.CHECKPOINTS).is_dir():
-            raise ShituError("nothing to resume: the run in this folder has no checkpoint yet", path=out_dir)
-        aside = rundir.move_previous_run(out_dir) if (overwrite and not resume and existing and primary) else None
         with CheckpointStore(out_dir / rundir.CHECKPOINTS, keep=keep) as store:
             session = _Session(
                 config=config,
@@ -560,7 +581,7 @@ def train(
                 previous_run=aside,
             )
             try:
-                with jax.default_device(devices[0]):
+                with jax.default_device(local_device(devices)):
                     return session.run(
                         resume=resume,
                         pretrained=Path(pretrained_path) if pretrained_path is not None else None,
@@ -698,6 +719,12 @@ class _Session:
         except (OSError, ValueError):
             return False
 
+    def _recorded_done_everywhere(self) -> bool:
+        """:meth:`_recorded_done` as process 0 reads it (it rewrites the file soon after), in every process."""
+        from shitu.distributed import broadcast_json
+
+        return bool(broadcast_json(self._recorded_done() if self.primary else False))
+
     # -- the run -----------------------------------------------------------------------------------
     def run(self, *, resume: bool, pretrained: Path | None, max_steps: int | None) -> TrainResult:
         import jax
@@ -716,11 +743,13 @@ class _Session:
             self.history = list(meta.get("history") or [])
             self.best = meta.get("best")
             partial = meta.get("partial")
-            if epoch_index >= self.epochs and self._recorded_done():
+            if epoch_index >= self.epochs and self._recorded_done_everywhere():
                 raise ShituError(
                     f"nothing to resume: the run in this folder is complete ({self.epochs} epochs)",
                     path=self.out_dir,
                 )
+        for existing in self.store.iterations():  # every process reads them: an Orbax restore is collective
+            self._summary(existing)
         if self.primary:
             from shitu.fileio import atomic_write_text
 
@@ -795,7 +824,7 @@ class _Session:
                                 hint="lower -o Train.learning_rate",
                             )
                         self._step_event(epoch, step, values, lr, seconds, count, iteration)
-                        if stop.requested or (max_steps is not None and steps_done_here >= max_steps):
+                        if stop.agreed() or (max_steps is not None and steps_done_here >= max_steps):
                             if step < self.steps_per_epoch:
                                 self._interrupt(
                                     state,
@@ -840,7 +869,7 @@ class _Session:
                     self._write_result(done=False)
                     rundir.plot_curves(self.out_dir / rundir.CURVES, self.history)
                 self.emit("epoch", self._public_record(record))
-                stopping = stop.requested or (max_steps is not None and steps_done_here >= max_steps)
+                stopping = stop.agreed() or (max_steps is not None and steps_done_here >= max_steps)
                 if stopping and epoch_index < self.epochs:
                     self._interrupt(
                         state,
@@ -1006,16 +1035,18 @@ class _Evaluator:
     def __init__(self, session: _Session, model: Any) -> None:
         from flax import nnx
 
+        from shitu.distributed import local_device
         from shitu.recognizer import Recognizer
 
         self.session = session
+        here = local_device(session.devices)
         key = (
             "eval",
             session.spec.name,
             json.dumps(session.arch, sort_keys=True),
             session.num_classes,
             session.input_size,
-            (session.devices[0].platform, session.devices[0].id),
+            (here.platform, here.id),
         )
 
         def make() -> Any:
@@ -1030,13 +1061,12 @@ class _Evaluator:
         self.model = self.recognizer.model
 
     def load(self, state: Any) -> None:
-        import jax
         from flax import nnx
 
-        device = self.session.devices[0]
-        params = jax.device_put(state["params"], device)
-        batch_stats = jax.device_put(state["batch_stats"], device)
-        nnx.update(self.model, params, batch_stats)
+        from shitu.distributed import local_copy, local_device
+
+        device = local_device(self.session.devices)
+        nnx.update(self.model, local_copy(state["params"], device), local_copy(state["batch_stats"], device))
         self.recognizer.embedder.set_state(nnx.state(self.model))
 
     def evaluate(self, state: Any, epoch: int) -> dict[str, float]:
@@ -1064,23 +1094,27 @@ class _Evaluator:
         return values
 
     def _bundle(self, path: Path, extra: dict[str, Any]) -> Path:
+        """Write the evaluation model as a bundle (process 0 only: in a multi-process run it writes alone)."""
         from shitu.bundle import save_bundle
+        from shitu.distributed import host_model, orbax_alone, process_count
 
         session = self.session
-        return save_bundle(
-            path,
-            spec=session.spec,
-            model=self.model,
-            num_classes=session.num_classes,
-            config=session.config,
-            arch=session.arch,
-            extra={
-                "input_size": session.input_size,
-                "trained_on": str(session.dataset_path),
-                "train_output": str(session.out_dir),
-                **extra,
-            },
-        )
+        model = self.model if process_count() == 1 else host_model(self.model)
+        with orbax_alone():
+            return save_bundle(
+                path,
+                spec=session.spec,
+                model=model,
+                num_classes=session.num_classes,
+                config=session.config,
+                arch=session.arch,
+                extra={
+                    "input_size": session.input_size,
+                    "trained_on": str(session.dataset_path),
+                    "train_output": str(session.out_dir),
+                    **extra,
+                },
+            )
 
     def save_best(self, epoch: int, metrics: dict[str, float]) -> None:
         """The weights last given to :meth:`evaluate` become ``best_model/``."""
