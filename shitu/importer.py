@@ -8,6 +8,8 @@ never runs code), or a Paddle inference model (``inference.json`` or ``inference
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from shitu.errors import ShituError
-from shitu.models.spec import ImportReport, resolve
+from shitu.models.spec import ImportReport, ModelSpec, resolve
 
 
 @dataclass
@@ -55,6 +57,37 @@ def read_paddle_state(file: Path) -> tuple[dict[str, np.ndarray], str]:
     return load_pdparams(file), "pdparams"
 
 
+def import_paddle_state(
+    spec: ModelSpec, model: Any, state: Mapping[str, Any], *, source: str | os.PathLike[str] | None = None
+) -> ImportReport:
+    """Load a Paddle state (structured names) into ``model`` in place with ``spec``'s importer, as Paddle's
+    ``set_dict`` (keys of another shape skipped and reported), refusing what would be cast silently.
+
+    A parameter is floating point, so an array of another kind (integers, booleans, complex numbers...)
+    that the importer read is a ShituError naming the key (and ``source``, the file it came from); the
+    model is then half loaded and must be discarded. Keys the importer skipped or did not use are not
+    checked (a file may carry other entries).
+    """
+    if spec.paddle_importer is None:
+        raise ShituError(f"model {spec.name} has no Paddle weight importer", path=source)
+    with warnings.catch_warnings():  # a complex array is refused below, with its key: no warning first
+        warnings.simplefilter("ignore", np.exceptions.ComplexWarning)
+        report = resolve(spec.paddle_importer)(model, state)
+    # Checked after the import because only the importer knows which keys it reads (derived ones included);
+    # nnx parameters take any numeric array and cast it, so this is the only place the kind can be refused.
+    ignored = set(report.unused) | {key for key, _, _ in report.skipped}
+    for key, value in state.items():
+        kind = getattr(getattr(value, "dtype", None), "kind", None)
+        if key not in ignored and kind is not None and kind != "f":
+            raise ShituError(
+                f"Paddle weights {key!r} are an array of {value.dtype}, not floating point: refusing to cast "
+                "them into a float parameter",
+                path=source,
+                hint="the file is damaged or not a PaddleClas checkpoint",
+            )
+    return report
+
+
 def import_weights(
     model: str,
     file: str | os.PathLike[str],
@@ -86,7 +119,7 @@ def import_weights(
     # Some files need another form of the network (an exported PP-ShiTuV2_rec is re-parameterized).
     arch: dict[str, Any] = dict(resolve(spec.paddle_arch)(state)) if spec.paddle_arch else {}
     network = spec.build(classes, **arch)
-    report = resolve(spec.paddle_importer)(network, state)
+    report = import_paddle_state(spec, network, state, source=source)
     network.eval()
     bundle = save_bundle(
         target,

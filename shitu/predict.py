@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+import stat
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -74,6 +75,25 @@ def _images_below(folder: Path) -> list[str]:
     return sorted(found)
 
 
+def _file_kind(path: Path) -> tuple[str, str | None]:
+    """What ``path`` is, found without opening it: ``folder``, ``file`` (a regular one, through links),
+    ``missing`` (also a dangling link), or ``refused`` with why: a pipe, socket or device (opening a pipe
+    blocks until someone writes; a device may never end), a link loop, a name too long..."""
+    from shitu.data.lists import file_problem
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "missing", None
+    except (OSError, ValueError):  # ELOOP, ENAMETOOLONG, EACCES on a folder above, a NUL in the name
+        return "refused", file_problem(path)
+    if stat.S_ISDIR(mode):
+        return "folder", None
+    if stat.S_ISREG(mode):
+        return "file", None
+    return "refused", file_problem(path)
+
+
 class _Resolver:
     def __init__(self, stdin: IO[str] | None, problems: list[str] | None) -> None:
         self.stdin = stdin
@@ -86,11 +106,20 @@ class _Resolver:
             raise error
         self.problems.append(str(error))
 
+    def files(self, found: Iterable[str]) -> None:
+        """Paths found in a folder or by a pattern: the regular files are taken, the others reported."""
+        for path in found:
+            kind, why = _file_kind(Path(path))
+            if kind == "file":
+                self.paths.append(path)
+            else:
+                self.problem(why or "not found (a broken link?)", path=path)
+
     def folder(self, folder: Path, shown: str) -> None:
         found = _images_below(folder)
         if not found:
             self.problem("no images in this folder", path=shown)
-        self.paths.extend(found)
+        self.files(found)
 
     def entry(self, text: str, base: Path | None, where: str, line: int) -> None:
         """One line of a list file or of stdin: a path (relative to ``base``), a URL or a folder."""
@@ -98,18 +127,22 @@ class _Resolver:
             self.paths.append(text)
             return
         candidate = Path(text) if base is None else base / text
-        if not candidate.exists():
+        kind, why = _file_kind(candidate)
+        if kind == "missing":
             from shitu.data.lists import parse_line
 
             parsed = parse_line(text)  # a ShiTuRecDataset line "<path> <label>" gives its path
             if not isinstance(parsed, str):
                 labelled = Path(parsed[0]) if base is None else base / parsed[0]
-                if labelled.exists():
+                if _file_kind(labelled)[0] != "missing":
                     candidate = labelled
-        if candidate.is_dir():
+                    kind, why = _file_kind(labelled)
+        if kind == "folder":
             self.folder(candidate, str(candidate))
-        elif candidate.exists():
+        elif kind == "file":
             self.paths.append(str(candidate))
+        elif kind == "refused":
+            self.problem(f"{text}: {why}", path=where, line=line)
         else:
             self.problem(f"not found: {text}", path=where, line=line)
 
@@ -133,13 +166,13 @@ class _Resolver:
         found: set[str] = set()
         for match in glob.glob(pattern, recursive=True):
             path = Path(match)
-            if path.is_dir():
+            if _file_kind(path)[0] == "folder":
                 found.update(_images_below(path))
             elif path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
                 found.add(match)
         if not found:
             self.problem("no image matches this pattern", path=pattern)
-        self.paths.extend(sorted(found))  # once each, even when a folder and its files both match
+        self.files(sorted(found))  # once each, even when a folder and its files both match
 
     def one(self, raw: str | os.PathLike[str]) -> None:
         text = os.fspath(raw)
@@ -151,12 +184,15 @@ class _Resolver:
             self.paths.append(text)
             return
         path = Path(text)
-        if path.is_dir():
+        kind, why = _file_kind(path)
+        if kind == "folder":
             self.folder(path, text)
-        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        elif kind == "file" and path.suffix.lower() in LIST_SUFFIXES:
             self.list_file(path)
-        elif path.exists():
+        elif kind == "file":
             self.paths.append(text)
+        elif kind == "refused" and not _GLOB_CHARS.search(text):
+            self.problem(why or "cannot be read", path=text)
         elif _GLOB_CHARS.search(text):
             self.glob(text)
         else:
@@ -179,15 +215,16 @@ def resolve_inputs(
       starting with '.' are skipped;
     - a ``.txt`` / ``.lst`` / ``.list`` file: one entry per line, relative to the file's folder; blank lines
       and lines starting with '#' are skipped; a ShiTuRecDataset line ``<path> <label>`` gives its path;
-    - any other existing file: itself (whatever its suffix; decoding decides);
+    - any other regular file (through links): itself (whatever its suffix; decoding decides);
     - a pattern with ``*``, ``?`` or ``[`` that is not an existing path: the image files it matches and
       the images below the folders it matches (``**`` spans folders), each once, sorted; so a quoted
       pattern works as the shell would expand it.
 
     An entry of a list or of stdin may be a path, a folder or a URL (not a pattern). Something that
-    resolves to nothing (missing path, empty folder, pattern without match, unreadable list) raises a
-    one-line ShituError, or, when ``problems`` is a list, is appended to it as that line and the rest
-    is still resolved.
+    resolves to nothing (missing path, empty folder, pattern without match, unreadable list) or that is
+    no regular file (a named pipe, which would block the reader; a device, a socket, a link loop, a name
+    too long; also when found in a folder or by a pattern) raises a one-line ShituError, or, when
+    ``problems`` is a list, is appended to it as that line and the rest is still resolved.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]

@@ -168,3 +168,111 @@ def never_called(reason: str) -> Callable[..., Any]:
         raise AssertionError(f"called although {reason}: {args!r}")
 
     return refuse
+
+
+# -- commands stopped before each file-system step (the kill loops) ---------------------------------------
+
+STEP_WRAPPER = r"""
+import importlib, os, sys
+
+def stepped(name, real):
+    def step(*args, **kwargs):
+        where = args[0] if args and isinstance(args[0], (str, bytes, os.PathLike)) else "-"
+        sys.stdout.write(name + "\t" + os.fsdecode(where).replace("\n", " ") + "\n")
+        sys.stdout.flush()
+        if sys.stdin.readline() != "go\n":
+            os._exit(3)
+        return real(*args, **kwargs)
+    return step
+
+for name in ("replace", "rename", "fsync", "unlink"):
+    setattr(os, name, stepped(name, getattr(os, name)))
+for spec in filter(None, os.environ.get("SHITU_STEP_EXTRA", "").split(",")):
+    module, function = spec.split(":")
+    owner = importlib.import_module(module)
+    setattr(owner, function, stepped(function, getattr(owner, function)))
+from shitu.cli import main
+main(sys.argv[1:])
+"""
+
+
+@dataclass
+class SteppedCommand:
+    """``shitu ARGS`` under a wrapper that prints ``name<TAB>first argument`` before each file-system step
+    (``os.replace``, ``os.rename``, ``os.fsync``, ``os.unlink``, and the ``module:function`` names in
+    ``extra``) and waits for ``go`` on stdin: the test lets it run to step k and kills it there (SIGKILL)."""
+
+    wrapper: Path
+    args: list[str]
+    extra: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, folder: Path, args: list[str], extra: tuple[str, ...] = ()) -> SteppedCommand:
+        wrapper = folder / "stepped_shitu.py"
+        wrapper.write_text(STEP_WRAPPER)
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SHITU_STEP_EXTRA": ",".join(extra)}
+        return cls(wrapper, [str(a) for a in args], extra, env)
+
+    @property
+    def stderr_file(self) -> Path:
+        return self.wrapper.with_suffix(".stderr")
+
+    def start(self) -> Any:
+        """The process, its stdin and stdout pipes open (stderr goes to :attr:`stderr_file`: a pipe nobody
+        reads would block it)."""
+        import subprocess
+
+        with self.stderr_file.open("w") as stderr:
+            return subprocess.Popen(
+                [sys.executable, str(self.wrapper), *self.args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=self.env,
+            )
+
+    def stderr(self) -> str:
+        return self.stderr_file.read_text(errors="replace")
+
+    @staticmethod
+    def go(process: Any) -> None:
+        """Let ``process`` take the step it waits before."""
+        process.stdin.write("go\n")
+        process.stdin.flush()
+
+    @staticmethod
+    def close(process: Any) -> None:
+        """Kill ``process`` (if still running) and close its pipes."""
+        process.kill()
+        process.wait(timeout=60)
+        process.stdin.close()
+        process.stdout.close()
+
+    def steps(self, timeout: float = 300) -> tuple[list[str], int, str]:
+        """Run it through every step: the steps (``name<TAB>path``), the exit code and stderr."""
+        process = self.start()
+        steps = []
+        try:
+            while line := process.stdout.readline():
+                steps.append(line.rstrip("\n"))
+                self.go(process)
+            code = process.wait(timeout=timeout)
+        finally:
+            self.close(process)
+        return steps, code, self.stderr()
+
+    def kill_before(self, step: int) -> str:
+        """Run it up to step ``step`` (0-based) and kill it with SIGKILL while it waits there; that step's
+        line."""
+        process = self.start()
+        try:
+            for _ in range(step):
+                assert process.stdout.readline(), self.stderr()
+                self.go(process)
+            waiting = process.stdout.readline().rstrip("\n")
+            assert waiting, self.stderr()
+        finally:
+            self.close(process)  # SIGKILL
+        return waiting

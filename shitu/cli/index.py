@@ -9,6 +9,13 @@ from typing import Annotated, Any
 
 import typer
 
+from shitu.cli._distributed import (
+    CoordinatorOption,
+    DistributedOption,
+    NumProcessesOption,
+    ProcessIdOption,
+    join,
+)
 from shitu.cli._options import JsonOption
 from shitu.cli._output import Output
 from shitu.errors import ShituError
@@ -50,6 +57,7 @@ def _embed(out: Output, recognizer: Any, paths: list[str], batch_size: int) -> A
 
 @index_app.command("build")
 def build(
+    ctx: typer.Context,
     model_dir: Annotated[Path, typer.Option("--model-dir", help="The model bundle that embeds the gallery.")],
     gallery: Annotated[
         Path, typer.Option("--gallery", help="A '<path> <label>' list (e.g. DATASET/gallery.txt) or a dataset folder.")
@@ -59,31 +67,48 @@ def build(
     batch_size: BatchSizeOption = 32,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index.")] = False,
     json: JsonOption = False,
+    distributed: DistributedOption = False,
+    coordinator: CoordinatorOption = None,
+    num_processes: NumProcessesOption = None,
+    process_id: ProcessIdOption = None,
 ) -> int:
     """Embed the gallery images and write a retrieval index.
 
     Paths in the list are relative to its folder (the dataset root). Unreadable images are reported and
-    left out; the index of the others is still written, and the exit code is 1.
+    left out; the index of the others is still written, and the exit code is 1. With several processes
+    (--distributed, or --coordinator/--num-processes/--process-id) each embeds its share of the gallery and
+    process 0 writes the index.
     """
+    from shitu.distributed import embed_sharded, shard_range
     from shitu.index import build_index
-    from shitu.index.core import check_replaceable
+    from shitu.index.core import check_replaceable, index_lock
     from shitu.index.ops import load_recognizer_for, read_labelled_list
 
-    out = Output(json)
+    out, primary = join(
+        json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
+    )
     listed = read_labelled_list(gallery, default_split="gallery")
     for warning in listed.warnings:
         out.warning(warning)
     if listed.errors:
         _report_failures(out, listed.errors)
         raise ShituError(f"{len(listed.errors)} problems in the gallery list; nothing was written", path=listed.file)
+    if primary:  # the writer holds the index's lock to the end: a second build is refused at once
+        ctx.with_resource(index_lock(output))
     check_replaceable(output.absolute(), overwrite=overwrite)  # before the embedding, which takes a while
     started = time.perf_counter()
     recognizer = load_recognizer_for(None, model_dir)
-    embedded = _embed(out, recognizer, listed.paths, batch_size)
+    with out.progress() as progress:
+        here = len(shard_range(len(listed.paths)))
+        embedded = embed_sharded(
+            recognizer, listed.paths, batch_size=batch_size, progress=lambda n: progress("embedding", n, here)
+        )
     failures = [f.message for f in embedded.failures]
     _report_failures(out, failures)
     if not embedded.indices:
         raise ShituError("no gallery image could be embedded; nothing was written", path=listed.file)
+    if not primary:  # process 0 writes the index
+        return 1 if failures else 0
     index = build_index(
         embedded.features,
         [listed.labels[i] for i in embedded.indices],

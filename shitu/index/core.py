@@ -8,19 +8,26 @@ Layout of an index folder::
       index.json      format name and version, dim, dtype, metric, count, the recognizer it was built with,
                       HNSW parameters, versions, and the SHA-256 of the two files above
 
-The folder is written as a unit (in a temporary sibling, then renamed into place), so a reader only ever sees
-the old or the new index. :func:`open_index` checks the checksums and that the three files agree, and turns
-anything wrong into one :class:`~shitu.errors.ShituError` that names the file.
+The folder is written as a unit (in a temporary sibling, then swapped into place in one step), so a reader, or
+what a crash leaves, is only ever the old or the new index. A writer holds a lock (the hidden sibling file
+``.INDEX_DIR.shitu-lock`` while it writes, see :func:`index_lock`): a second one on the same index is refused.
+:func:`open_index` checks the checksums and that the three files agree, and turns anything wrong into one
+:class:`~shitu.errors.ShituError` that names the file.
 
 Scores are cosine similarities (``1 - usearch's cosine distance``): larger is closer, 1 for the same direction.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,12 +277,18 @@ class RetrievalIndex:
         empty) is never replaced. Saving back to where it was read from refuses when the index on disk
         was changed meanwhile by someone else (its index.json differs from what was read).
         """
-        from shitu import __version__
-        from shitu.fileio import atomic_directory, atomic_write_json, atomic_write_text
-
         if path is None and self.path is None:
             raise ShituError("this index was never saved: give a folder to save it to")
         target = Path(path if path is not None else self.path).absolute()
+        with index_lock(target):
+            self._save_locked(target, overwrite=overwrite)
+        return target
+
+    def _save_locked(self, target: Path, *, overwrite: bool) -> None:
+        from shitu import __version__
+        from shitu.fileio import atomic_write_json, atomic_write_text
+
+        _clean_up_after_a_crash(target)
         own = self.path is not None and target == Path(self.path).absolute()
         check_replaceable(target, overwrite=overwrite or own)
         info_file = target / INFO_FILE
@@ -287,13 +300,9 @@ class RetrievalIndex:
             )
         import usearch
 
-        with atomic_directory(target) as staging:
+        with _staged_directory(target) as staging:
             self._index.save(os.fspath(staging / INDEX_FILE))
-            lines = [
-                json.dumps({"key": it.key, "label": it.label, "path": it.path}, ensure_ascii=False) + "\n"
-                for it in self.items
-            ]
-            atomic_write_text(staging / ITEMS_FILE, "".join(lines))
+            atomic_write_text(staging / ITEMS_FILE, "".join(_item_line(item) for item in self.items))
             info = {k: v for k, v in self._info.items() if k not in ("files", "path", "num_labels")}
             info.update(
                 count=len(self),
@@ -308,7 +317,155 @@ class RetrievalIndex:
         self._info = info
         self.path = target
         self._on_disk = _sha256(target / INFO_FILE)
-        return target
+
+
+# -- writing an index folder as a unit ----------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+#: Lock files of the indexes this process holds (flock is per open file: taking it twice would fail).
+_held_locks: dict[Path, int] = {}
+
+
+def _lock_file(target: Path) -> Path:
+    """The lock of the index folder ``target``: a hidden sibling, as the folder itself is replaced whole."""
+    return target.parent / f".{target.name}.shitu-lock"
+
+
+@contextmanager
+def index_lock(target: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the write lock of the index folder ``target``: an exclusive ``flock`` on the hidden sibling file
+    ``.NAME.shitu-lock`` (the folder itself is replaced whole, so it cannot carry the lock), removed again on
+    release. Another process writing the same index makes this a ShituError at once. Re-entrant within a
+    process; a no-op where flock is missing."""
+    folder = Path(target).absolute()
+    lock = _lock_file(folder)
+    if lock in _held_locks:
+        _held_locks[lock] += 1
+        try:
+            yield
+        finally:
+            _held_locks[lock] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, go on unlocked
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise ShituError(f"cannot create the index lock: {exc.strerror or exc}", path=lock) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ShituError(
+                "another shitu command is writing this index", path=folder, hint="wait for it to finish"
+            ) from None
+        except OSError:  # a filesystem without flock: go on unlocked
+            break
+        try:  # the holder before us may have removed the file after we opened it: then lock the new one
+            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    _held_locks[lock] = 1
+    try:
+        yield
+    finally:
+        del _held_locks[lock]
+        with suppress(OSError):
+            os.unlink(lock)  # while still locked, so nobody can lock this file after it is gone
+        os.close(fd)
+
+
+def _exchange_directories(first: Path, second: Path) -> bool:
+    """Swap two existing folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or filesystem cannot. The standard library has no such call: two renames would leave a moment
+    with neither folder in place, and a crash there would leave no index at all."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux, or a C library without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(error, os.strerror(error), os.fspath(second))
+
+
+def _leftovers(target: Path) -> list[Path]:
+    """Folders an interrupted save of ``target`` can leave beside it: ``.NAME.<8 characters>.tmp`` (a staging
+    folder, or after the exchange the previous index being deleted) and ``.NAME.<8>.old`` (the two-rename
+    fallback). Matched exactly, so another index's (``NAME.v2``) are never taken for ours."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
+    if not target.parent.is_dir():
+        return []
+    return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+
+
+def _clean_up_after_a_crash(target: Path) -> None:
+    """With the lock held: put back a previous index that an interrupted two-rename save left aside (only
+    the fallback has that moment), then delete what interrupted saves left beside ``target``."""
+    leftovers = _leftovers(target)
+    if not target.exists():
+        aside = [p / target.name for p in leftovers if p.name.endswith(".old") and (p / target.name).is_dir()]
+        if aside:
+            os.replace(aside[-1], target)
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextmanager
+def _staged_directory(target: Path) -> Iterator[Path]:
+    """Build the folder in a temporary sibling; on a clean exit it takes the place of ``target`` in one step.
+
+    The previous folder is swapped out atomically (see :func:`_exchange_directories`) and deleted after, so
+    a crash at any moment leaves the old or the new folder at ``target``; what it leaves beside it is removed
+    by the next save (:func:`_clean_up_after_a_crash`). Call with :func:`index_lock` held."""
+    from shitu.fileio import _fsync_dir
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists() and _exchange_directories(staging, target):
+        _fsync_dir(target.parent)
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous index
+        return
+    old = None
+    if target.exists():  # the fallback: two renames (a crash between them is repaired by the next save)
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+        os.replace(target, old / target.name)
+    os.replace(staging, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _item_line(item: Item) -> str:
+    """One line of items.jsonl. Non-ASCII characters are kept as they are, except in a path that is not
+    UTF-8 (a file name's undecodable bytes, which os.fsdecode turns into lone surrogates): that line is
+    written escaped, so it can be saved at all and reads back as the same string."""
+    doc = {"key": item.key, "label": item.label, "path": item.path}
+    line = json.dumps(doc, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(doc)
+    return line + "\n"
 
 
 def check_replaceable(target: Path, *, overwrite: bool) -> None:
@@ -388,11 +545,32 @@ def build_index(
     return index
 
 
+#: Keys are uint64 in usearch but int64 in shitu's results (and labels are int64, as in PaddleClas).
+_INT64_MAX = 2**63 - 1
+#: HNSW settings are C ints in usearch; a larger value would crash it rather than be refused.
+_HNSW_FIELDS = ("connectivity", "expansion_add", "expansion_search")
+_RECOGNIZER_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model": str,
+    "embedding_size": int,
+    "input_size": int,
+    "bundle": str,
+}
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads`` whose every failure is a ValueError: nesting too deep for the parser (RecursionError)
+    and integers of more digits than Python converts are what hand-edited or damaged files bring."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _read_info(folder: Path) -> dict[str, Any]:
     file = folder / INFO_FILE
     try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = _parse_json(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ShituError(f"unreadable index description: {exc}", path=file) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ShituError(f"not a shitu index description (format is not {FORMAT!r})", path=file)
@@ -418,6 +596,16 @@ def _read_info(folder: Path) -> dict[str, Any]:
             f"invalid dim/dtype/metric/count ({doc['dim']}, {doc['dtype']!r}, {doc['metric']!r}, {doc['count']})",
             path=file,
         )
+    if not 0 <= doc["next_key"] <= _INT64_MAX + 1:
+        raise ShituError(f"next_key {doc['next_key']} is outside 0..2**63", path=file)
+    for key in _HNSW_FIELDS:  # optional (older indexes may lack them), but when present a usable C int
+        value = doc.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31):
+            raise ShituError(f"field {key!r} must be a positive integer below 2**31, got {value!r}", path=file)
+    for key, kind in _RECOGNIZER_FIELDS.items():
+        value = doc["recognizer"].get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ShituError(f"recognizer field {key!r} must be a {kind.__name__} or null, got {value!r}", path=file)
     for name in (INDEX_FILE, ITEMS_FILE):
         entry = doc["files"].get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
@@ -431,14 +619,26 @@ def _read_items(file: Path) -> dict[int, Item]:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ShituError(f"unreadable: {exc}", path=file) from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() would also cut at U+2028, U+0085... which a path may hold
+    # (the writer keeps non-ASCII characters as they are).
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
         try:
-            doc = json.loads(line)
+            doc = _parse_json(line)
             key, label, path = doc["key"], doc["label"], doc["path"]
-            if not (isinstance(key, int) and isinstance(label, int) and isinstance(path, str)) or key < 0:
+            if not (isinstance(key, int) and isinstance(label, int) and isinstance(path, str)):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
-            raise ShituError('expected {"key": int, "label": int, "path": str}', path=file, line=number) from None
+            if isinstance(key, bool) or isinstance(label, bool):
+                raise TypeError
+        except (ValueError, KeyError, TypeError) as exc:
+            detail = f" ({exc})" if isinstance(exc, ValueError) else ""
+            raise ShituError(
+                'expected {"key": int, "label": int, "path": str}' + detail, path=file, line=number
+            ) from None
+        if not 0 <= key <= _INT64_MAX or not -_INT64_MAX - 1 <= label <= _INT64_MAX:
+            raise ShituError(f"key {key} or label {label} is outside the 64-bit range", path=file, line=number)
         if key in items:
             raise ShituError(f"key {key} appears twice", path=file, line=number)
         items[key] = Item(key, label, path)
@@ -470,7 +670,8 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
     for name in (INDEX_FILE, ITEMS_FILE):
         file = folder / name
         if not file.is_file():
-            raise ShituError("missing from the index folder", path=file)
+            why = "not a regular file" if file.exists() or file.is_symlink() else "missing from the index folder"
+            raise ShituError(why, path=file)
         if _sha256(file) != info["files"][name]["sha256"]:
             raise ShituError(
                 "checksum mismatch: the file is damaged or was changed outside shitu",
