@@ -134,9 +134,9 @@ def _check_files_whole(output: Path) -> None:
         load_config(output / "config.yaml")
 
 
-#: Known leftovers of a kill, not yet removed by a later run (see the two xfail tests below); counted, not
-#: failed: the temporary file or staging folder of a file or bundle being written (``fileio.atomic_open``,
-#: ``atomic_directory``: ``.NAME.<8 characters>.tmp``), and an earlier run that ``--overwrite`` moved aside when
+#: What a kill can leave until the next run of the folder removes it (the two tests below check that it
+#: does); counted, not failed: the temporary file or staging folder of a file or bundle being written
+#: (``fileio.atomic_open``, ``atomic_directory``: ``.NAME.<8 characters>.tmp``), and an earlier run that ``--overwrite`` moved aside when
 #: the new run was killed before its first checkpoint (or just after it).
 STAGING = re.compile(r"\..+\.[a-z0-9_]{8}\.(tmp|old)")
 PREVIOUS = re.compile(r"\.previous-run\.[0-9]{8}-[0-9]{6}\.[0-9]+")
@@ -255,12 +255,6 @@ def test_second_training_on_the_same_folder_is_refused(dataset, tmp_path, cli):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="a kill while best_model/, latest_model/ (fileio.atomic_directory) or a file (atomic_open: "
-    "train_curves.png...) is written leaves its staging folder or file .NAME.XXXXXXXX.tmp in the run folder, and "
-    "neither --resume nor a later save removes it (a ViT-L bundle is 1.2 GB)",
-)
 def test_resume_removes_what_a_killed_bundle_save_left(dataset, tmp_path):
     from shitu.config import load_config
     from shitu.train.trainer import TrainingInterrupted, train
@@ -277,12 +271,6 @@ def test_resume_removes_what_a_killed_bundle_save_left(dataset, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="`shitu train --overwrite` deletes only the previous run it moved aside itself: one moved aside by an "
-    "earlier --overwrite that was killed before its first checkpoint (or by one killed right after it, then "
-    "resumed) stays in .previous-run.* for ever, a whole run with its checkpoints and bundles",
-)
 def test_overwrite_removes_every_previous_run_once_it_has_a_checkpoint(dataset, tmp_path):
     from shitu.config import load_config
     from shitu.train.trainer import TrainingInterrupted, train

@@ -19,7 +19,9 @@ Only this module and :mod:`shitu.train.trainer` know these names.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -112,6 +114,34 @@ def move_previous_run(output: Path) -> Path | None:
 def delete_previous_run(aside: Path | None) -> None:
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+#: The staging file or folder of an atomic write (``fileio.atomic_open`` / ``atomic_directory``: ``.NAME.`` +
+#: tempfile's 8 random characters + ``.tmp``), or a folder set aside while being replaced (``.old``).
+_STAGING = re.compile(r"\..+\.[a-z0-9_]{8}\.(tmp|old)")
+
+
+def remove_staging_leftovers(output: Path) -> list[str]:
+    """Delete what a kill during an atomic write left in the run folder ``output`` (a half-written bundle or
+    file that never replaced anything); returns the names removed. Call with the run lock held."""
+    removed = []
+    for entry in output.iterdir():
+        if not _STAGING.fullmatch(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
+def delete_previous_runs(output: Path) -> None:
+    """Delete every earlier run moved aside in ``output`` (``.previous-run.*``), e.g. by an ``--overwrite``
+    that was killed before its first checkpoint. Call once the current run has a checkpoint."""
+    for entry in output.glob(f"{glob.escape(PREVIOUS_PREFIX)}*"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 class TrainLog:

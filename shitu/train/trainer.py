@@ -549,6 +549,7 @@ def train(
                 )
             if resume and not (out_dir / rundir.CHECKPOINTS).is_dir():
                 raise ShituError("nothing to resume: the run in this folder has no checkpoint yet", path=out_dir)
+            rundir.remove_staging_leftovers(out_dir)  # what a kill during an atomic write left; we hold the lock
             return rundir.move_previous_run(out_dir) if (overwrite and not resume and existing) else None
 
         aside = run_on_primary(prepare_folder, what="preparing the output folder")
@@ -600,6 +601,7 @@ class _Session:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.compile_seconds = 0.0
+        self._previous_runs_deleted = False
         self._summaries: dict[int, dict[str, Any] | None] = {}  # checkpoint iteration → what train_result needs
 
     def close(self) -> None:
@@ -941,9 +943,13 @@ class _Session:
         self._summary(iteration, meta)
         self.log.write(f"Already save model in {path}")
         self.emit("checkpoint", {"path": str(path), "iteration": iteration, "epoch": epoch_index, "step": step})
-        if self.previous_run is not None:  # the new run now has a checkpoint: the old one can go
+        if not self._previous_runs_deleted and self.primary:
+            # The new run now has a checkpoint: the runs moved aside can go (ours, and any an earlier
+            # --overwrite moved aside before it was killed ahead of its first checkpoint).
             rundir.delete_previous_run(self.previous_run)
-            self.previous_run = None
+            rundir.delete_previous_runs(self.out_dir)
+            self._previous_runs_deleted = True
+        self.previous_run = None
         return path
 
     def _interrupt(
