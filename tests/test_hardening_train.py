@@ -136,8 +136,8 @@ def _check_files_whole(output: Path) -> None:
 
 #: What a kill can leave until the next run of the folder removes it (the two tests below check that it
 #: does); counted, not failed: the temporary file or staging folder of a file or bundle being written
-#: (``fileio.atomic_open``, ``atomic_directory``: ``.NAME.<8 characters>.tmp``), and an earlier run that ``--overwrite`` moved aside when
-#: the new run was killed before its first checkpoint (or just after it).
+#: (``fileio.atomic_open``, ``atomic_directory``: ``.NAME.<8 characters>.tmp``), and an earlier run that
+#: ``--overwrite`` moved aside when the new run was killed before its first checkpoint (or just after it).
 STAGING = re.compile(r"\..+\.[a-z0-9_]{8}\.(tmp|old)")
 PREVIOUS = re.compile(r"\.previous-run\.[0-9]{8}-[0-9]{6}\.[0-9]+")
 
