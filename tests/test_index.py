@@ -372,3 +372,14 @@ def test_cli_refuses_a_damaged_index(cli, tmp_path):
     message = "checksum mismatch: the file is damaged or was changed outside shitu (rebuild the index)"
     assert result.stderr.strip() == f"error: {out / 'items.jsonl'}: {message}"
     assert cli("search", "--index", tmp_path / "none", "x.jpg").code == 1
+
+
+def test_search_inputs_with_a_name_too_long_are_a_problem_not_a_crash(tmp_path):
+    from shitu.index.inputs import resolve_inputs
+
+    listed = tmp_path / "list.txt"
+    listed.write_text("y" * 300 + ".jpg\n")
+    resolved = resolve_inputs([str(tmp_path / ("x" * 300 + ".jpg")), str(listed)])
+    assert resolved.paths == []
+    assert len(resolved.problems) == 2
+    assert "cannot read" in resolved.problems[0] and resolved.problems[1].startswith(f"{listed}:1: cannot read")

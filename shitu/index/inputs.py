@@ -40,11 +40,16 @@ def _list_file(file: Path, resolved: ResolvedInputs) -> None:
         if not entry or entry.startswith("#"):
             continue
         candidate = file.parent / entry
-        if not candidate.exists():
-            parsed = parse_line(entry)
-            if not isinstance(parsed, str) and (file.parent / parsed[0]).exists():
-                candidate = file.parent / parsed[0]
-        if candidate.is_file():
+        try:
+            if not candidate.exists():
+                parsed = parse_line(entry)
+                if not isinstance(parsed, str) and (file.parent / parsed[0]).exists():
+                    candidate = file.parent / parsed[0]
+            found = candidate.is_file()
+        except OSError as exc:  # a name too long, a permission problem: this line only
+            resolved.problems.append(f"{file}:{number}: cannot read {entry}: {exc.strerror or exc}")
+            continue
+        if found:
             resolved.paths.append(str(candidate))
         else:
             resolved.problems.append(f"{file}:{number}: image not found: {entry}")
@@ -57,6 +62,13 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike[str]]) -> ResolvedInputs:
     resolved = ResolvedInputs()
     for raw in inputs:
         path = Path(raw)
+        try:
+            path.stat()
+        except FileNotFoundError:
+            pass  # reported as "not found" below
+        except OSError as exc:  # a name too long, a link loop, a permission problem: this input only
+            resolved.problems.append(f"{path}: cannot read: {exc.strerror or exc}")
+            continue
         if path.is_dir():
             found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not found:

@@ -380,13 +380,12 @@ def load_pretrained(model: Any, source: Path, *, spec: Any, emit: EventFn) -> No
                 },
             )
         return
-    from shitu.importer import read_paddle_state
-    from shitu.models.spec import resolve
+    from shitu.importer import import_paddle_state, read_paddle_state
 
     if spec.paddle_importer is None:
         raise ShituError(f"model {spec.name} cannot read Paddle weights; give a shitu bundle", path=source)
     state, _ = read_paddle_state(source)
-    report = resolve(spec.paddle_importer)(model, state)
+    report = import_paddle_state(spec, model, state, source=source)  # refuses non-float arrays
     if not report.loaded:
         raise ShituError("no parameter of this file fits the model", path=source)
     heads = [item for item in report.skipped if item[0].startswith("head.")]
