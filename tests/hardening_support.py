@@ -1,6 +1,6 @@
 """Helpers shared by the hardening tests (tests/test_hardening_*.py; see docs/RELIABILITY.md).
 
-``SHITU_FUZZ_SCALE=N`` multiplies every hypothesis example count (``nox -s reliability`` runs with 20).
+``SHITU_FUZZ_SCALE=N`` multiplies every hypothesis example count (``nox -s reliability`` runs with 10).
 """
 
 from __future__ import annotations
