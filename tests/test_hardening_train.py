@@ -27,23 +27,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hardening_support import assert_cli_failed_cleanly
+from test_train import CLASSES, EPOCHS, TINY, TINY_CLI  # the same tiny run: one compiled step for both
 
 from shitu.data.demo import demo_dataset_path
 
-CLASSES = (0, 1, 2, 3)
-EPOCHS = 4
-TINY = {  # as tests/test_train.py: one compiled step for both
-    "Train.model_scale": 0.25,
-    "Train.input_size": 32,
-    "Train.batch_size": 8,
-    "Train.epochs_iters": EPOCHS,
-    "Train.warmup_steps": 1,
-    "Train.learning_rate": 0.01,
-    "Train.eval_interval": 2,
-    "Evaluate.batch_size": 32,
-    "Global.device": "cpu",
-}
-TINY_CLI = [arg for key, value in TINY.items() for arg in ("-o", f"{key}={value}")]
 ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SHITU_DEBUG": ""}
 
 
