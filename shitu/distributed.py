@@ -180,9 +180,6 @@ def is_primary() -> bool:
 
     Before :func:`initialize` ran, JAX is asked when it is already loaded (a caller that started the runtime
     with ``jax.distributed.initialize`` itself); otherwise the process is alone."""
-    info = _state["info"]
-    if info is not None:
-        return info.process_index == 0
     return process_index() == 0
 
 
