@@ -41,7 +41,7 @@ def reliability(session: nox.Session) -> None:
     """The hardening checks of docs/RELIABILITY.md, long form: every fuzzer with SHITU_FUZZ_SCALE (default 10)
     times its examples, every kill loop and every damaged bundle (the slow tests included)."""
     session.install("-e", ".[dev]")
-    files = sorted(str(p) for p in Path("tests").glob("test_hardening_*.py"))
+    files = sorted(str(p) for p in Path("tests/hardening").glob("test_hardening_*.py"))
     scale = os.environ.get("SHITU_FUZZ_SCALE", "10")
     session.run(
         "pytest", "-m", "slow or not slow", "-s", *files, "tests/test_fileio.py", *session.posargs,

@@ -5,7 +5,8 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_models.py [--quick] [--skip-vit]
 
 JAX side (this process): each exported Paddle inference folder is imported with
-``shitu.importer.import_weights`` into a temporary bundle and loaded back with ``shitu.bundle.load_bundle``
+``shitu.weights.importer.import_weights`` into a temporary bundle and loaded back
+with ``shitu.models.bundle.load_bundle``
 (what ``shitu import-weights`` + ``shitu embed`` do). PP-ShiTuV2_rec is measured in three forms: as loaded
 (deploy form, BatchNorms separate), ``fold_batchnorm(...)`` of it, and ``shitu.models.inference.Embedder``
 on the loaded model (adds the L2 normalisation and bucket padding, the production path). Each form is an
@@ -100,8 +101,8 @@ def matmul_peak(reps: int) -> dict:
 
 
 def import_and_load(model_name: str, folder: Path, tmp: Path):
-    from shitu.bundle import load_bundle
-    from shitu.importer import import_weights
+    from shitu.models.bundle import load_bundle
+    from shitu.weights.importer import import_weights
 
     target = tmp / model_name
     t0 = time.perf_counter()

@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         if args.coordinator:
-            from shitu.distributed import initialize
+            from shitu.runtime.distributed import initialize
 
             initialize(coordinator=args.coordinator, num_processes=args.processes, process_id=args.process_id)
         result = measure(args.child, args.per_device_batch, args.size, args.scale, args.steps)

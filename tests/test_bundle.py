@@ -8,8 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
-from shitu.bundle import load_bundle, read_bundle_info
 from shitu.errors import ShituError
+from shitu.models.bundle import load_bundle, read_bundle_info
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 from conftest import tree_digest, write_image
 
 from shitu.data.convert import convert_dataset
+from shitu.data.formats import SPLITS, Sample, SplitOptions
 from shitu.data.lists import format_lines
 from shitu.data.split import split_samples
 from shitu.errors import ShituError
-from shitu.formats import SPLITS, Sample, SplitOptions
 
 LABELS = b"cat\r\ndog\r\nbird\r\n\r\n"  # CRLF and a trailing blank line: must survive untouched
 

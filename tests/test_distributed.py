@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from shitu import distributed
 from shitu.errors import ShituError
+from shitu.runtime import distributed
 
 _SCHEDULER_VARS = [
     "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
@@ -120,7 +120,7 @@ class _FakeRecognizer:
     embedding_size = 2
 
     def embed(self, sources, *, batch_size=32, progress=None):
-        from shitu.recognizer import Embedded, EmbedFailure
+        from shitu.embed.recognizer import Embedded, EmbedFailure
 
         good = [i for i, s in enumerate(sources) if not s.startswith("bad")]
         rows = np.array([[ord(sources[i][0]) - 96, 1.0] for i in good], np.float32).reshape(-1, 2)

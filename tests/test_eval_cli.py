@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from shitu.data.transforms import read_image
+from shitu.embed.recognizer import Embedded, EmbedFailure
 from shitu.errors import ShituError
 from shitu.evaluation.evaluate import evaluate_dataset, write_evaluate_result
 from shitu.evaluation.metrics import retrieval_metrics
-from shitu.recognizer import Embedded, EmbedFailure
 
 INPUT_SIZE = 32
 
@@ -20,7 +20,7 @@ INPUT_SIZE = 32
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """A small PP-ShiTuV2_rec bundle (quarter width, random weights) that embeds at 32 px."""
-    from shitu.bundle import save_bundle
+    from shitu.models.bundle import save_bundle
     from shitu.plugins import get_host
 
     spec = get_host().model("PP-ShiTuV2_rec")
@@ -35,7 +35,7 @@ def bundle(tmp_path_factory) -> Path:
 def embedded_demo(bundle):
     """Features of the demo dataset's gallery and query lists, straight from ``Recognizer.embed``."""
     from shitu.data.demo import demo_dataset_path
-    from shitu.recognizer import load_recognizer
+    from shitu.embed.recognizer import load_recognizer
 
     root = demo_dataset_path()
     recognizer = load_recognizer(bundle)
@@ -201,7 +201,7 @@ def test_write_evaluate_result_keeps_extra_keys_outside_metrics(tmp_path):
 
 
 def test_model_name_means_random_weights_and_warns(cli, demo_copy, tmp_path, monkeypatch):
-    import shitu.recognizer
+    import shitu.embed.recognizer
 
     asked = []
 
@@ -209,7 +209,7 @@ def test_model_name_means_random_weights_and_warns(cli, demo_copy, tmp_path, mon
         asked.append((model, input_size))
         return ColourRecognizer()
 
-    monkeypatch.setattr(shitu.recognizer, "load_recognizer", fake_load)
+    monkeypatch.setattr(shitu.embed.recognizer, "load_recognizer", fake_load)
     result = cli(
         "eval", "--model", "PP-ShiTuV2_rec", "--dataset", demo_copy, "--output", tmp_path / "out",
         "-o", "Train.input_size=48", "--json",

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import shitu.fileio as fileio
+from shitu.data.formats import SPLITS, SplitOptions
 from shitu.data.split import split_dataset
 from shitu.fileio import (
     JOURNAL_NAME,
@@ -25,7 +26,6 @@ from shitu.fileio import (
     recover,
     replace_together,
 )
-from shitu.formats import SPLITS, SplitOptions
 
 OLD = {"train.txt": b"t1\nt2\n", "gallery.txt": b"g1\n", "query.txt": b"q1\n"}
 NEW = {"train.txt": b"t1\ng1\n", "gallery.txt": b"q1\n", "query.txt": b"t2\n"}

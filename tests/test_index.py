@@ -288,7 +288,7 @@ def test_resolve_inputs(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> Path:
-    from shitu.bundle import save_bundle
+    from shitu.models.bundle import save_bundle
     from shitu.plugins import get_host
 
     spec = get_host().model("PP-ShiTuV2_rec")
@@ -300,10 +300,10 @@ def tiny_bundle(tmp_path_factory) -> Path:
 @pytest.fixture
 def loaded_once(monkeypatch):
     """Each command loads the bundle (seconds): load it once per test and hand out the same recognizer."""
-    import shitu.recognizer
+    import shitu.embed.recognizer
 
     loaded: dict[tuple[str, int | None], object] = {}
-    original = shitu.recognizer.load_recognizer
+    original = shitu.embed.recognizer.load_recognizer
 
     def load(model, **kwargs):
         key = (str(model), kwargs.get("input_size"))
@@ -311,12 +311,12 @@ def loaded_once(monkeypatch):
             loaded[key] = original(model, **kwargs)
         return loaded[key]
 
-    monkeypatch.setattr(shitu.recognizer, "load_recognizer", load)
+    monkeypatch.setattr(shitu.embed.recognizer, "load_recognizer", load)
     return loaded
 
 
 def test_cli_build_search_add_remove_eval(cli, demo_copy, tiny_bundle, tmp_path, loaded_once):
-    from shitu.recognizer import load_recognizer
+    from shitu.embed.recognizer import load_recognizer
 
     assert load_recognizer(tiny_bundle).input_size == 64  # extra["input_size"] is honoured
     gallery_lines = (demo_copy / "gallery.txt").read_text().splitlines()[:8]

@@ -15,7 +15,7 @@ from conftest import write_image
 
 import shitu
 from shitu import hookimpl
-from shitu.formats import ConversionPlan, DatasetFormat, Sample, SplitOptions
+from shitu.data.formats import ConversionPlan, DatasetFormat, Sample, SplitOptions
 from shitu.plugins import PluginHost, builtin_plugin_modules, get_host
 
 REPO = Path(__file__).resolve().parents[1]

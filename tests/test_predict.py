@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shitu.errors import ShituError
-from shitu.predict import (
+from shitu.embed.predict import (
     FeatureResult,
     Predictor,
     RandomWeightsWarning,
@@ -23,6 +22,7 @@ from shitu.predict import (
     create_model,
     resolve_inputs,
 )
+from shitu.errors import ShituError
 
 SIZE = 48
 
@@ -50,9 +50,9 @@ def photos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
     """PP-ShiTuV2_rec with random weights (seed 0), and that network saved as a bundle to embed at 48 px."""
-    from shitu.bundle import save_bundle
+    from shitu.embed.recognizer import Recognizer
+    from shitu.models.bundle import save_bundle
     from shitu.plugins import get_host
-    from shitu.recognizer import Recognizer
 
     spec = get_host().model("PP-ShiTuV2_rec")
     network = spec.build(1, seed=0)
@@ -78,9 +78,9 @@ def fast_loads(monkeypatch, model, seeded) -> list:
     network) takes 2-6 s here and each new model compiles again. ``load_recognizer`` is replaced by one that
     returns the module's recognizer for the same bundle (same ``shitu_model.json``) or for the seed-0 random
     PP-ShiTuV2_rec at 48 px, and loads anything else. Returns the list of calls."""
-    import shitu.recognizer
+    import shitu.embed.recognizer
 
-    real = shitu.recognizer.load_recognizer
+    real = shitu.embed.recognizer.load_recognizer
     random_recognizer, folder = seeded
     description = (folder / "shitu_model.json").read_bytes()
     calls: list = []
@@ -94,7 +94,7 @@ def fast_loads(monkeypatch, model, seeded) -> list:
             return random_recognizer
         return real(reference, input_size=input_size, seed=seed, **kwargs)
 
-    monkeypatch.setattr(shitu.recognizer, "load_recognizer", load)
+    monkeypatch.setattr(shitu.embed.recognizer, "load_recognizer", load)
     return calls
 
 
@@ -292,7 +292,7 @@ def test_an_attached_index_adds_hits_to_results_and_pictures(model, photos, tmp_
 def test_create_model_by_name_uses_an_installed_bundle_else_warns_random(
     fast_loads, model, bundle, photos, tmp_path, monkeypatch
 ):
-    from shitu.predict import installed_bundle
+    from shitu.embed.predict import installed_bundle
 
     monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
     assert installed_bundle("PP-ShiTuV2_rec") is None

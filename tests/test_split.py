@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import tree_digest
 
+from shitu.data.formats import SPLITS, Sample, SplitOptions
 from shitu.data.split import split_dataset, split_samples
 from shitu.errors import ShituError
 from shitu.fileio import JOURNAL_NAME
-from shitu.formats import SPLITS, Sample, SplitOptions
 
 ARGS = ("--train", "70", "--gallery", "20", "--query", "10")
 

@@ -69,7 +69,7 @@ def _bundle_params(path: Path) -> dict[str, np.ndarray]:
     import jax
     from flax import nnx
 
-    from shitu.bundle import load_bundle
+    from shitu.models.bundle import load_bundle
 
     state = nnx.state(load_bundle(path).model, nnx.Any(nnx.Param, nnx.BatchStat))
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}

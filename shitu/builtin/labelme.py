@@ -17,9 +17,9 @@ import os
 from pathlib import Path, PurePosixPath
 
 from shitu import hookimpl
+from shitu.data.formats import ConversionPlan, DatasetFormat, Issue, Sample, SplitOptions
 from shitu.data.lists import file_problem, resolve_inside
 from shitu.errors import ShituError
-from shitu.formats import ConversionPlan, DatasetFormat, Issue, Sample, SplitOptions
 
 
 def _read_labels(root: Path) -> tuple[dict[str, int], list[Issue]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shitu import hookimpl
-from shitu.formats import SPLITS, DatasetFormat, Issue, SplitOptions
+from shitu.data.formats import SPLITS, DatasetFormat, Issue, SplitOptions
 
 
 class ShiTuRecDataset(DatasetFormat):

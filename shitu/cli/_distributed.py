@@ -1,6 +1,6 @@
 """The options that make a command one process of a distributed job, defined once (train, eval, index build).
 
-``join`` must run before anything touches a device: it calls :func:`shitu.distributed.initialize`. Processes
+``join`` must run before anything touches a device: it calls :func:`shitu.runtime.distributed.initialize`. Processes
 other than process 0 then get an :class:`Output` that prints nothing (their results are process 0's); their
 errors still reach stderr through the CLI's error line.
 """
@@ -69,7 +69,7 @@ def join(
 
     With no option, no ``SHITU_*`` variable and no scheduler around, nothing is started (JAX is not even
     imported): a single-process command behaves exactly as without these options."""
-    from shitu.distributed import ENVIRONMENT_VARIABLES, detect_cluster, initialize
+    from shitu.runtime.distributed import ENVIRONMENT_VARIABLES, detect_cluster, initialize
 
     given = distributed or coordinator is not None or num_processes is not None or process_id is not None
     if not given and not any(os.environ.get(name) for name in ENVIRONMENT_VARIABLES) and detect_cluster() is None:

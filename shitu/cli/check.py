@@ -32,9 +32,9 @@ def check(
     As PaddleX, -o CheckDataset.convert.enable=True / CheckDataset.split.enable=True convert
     or re-split the dataset first.
     """
-    from shitu.api import check_dataset_with_config
     from shitu.config import load_config
     from shitu.data.demo import demo_dataset_path
+    from shitu.data.prepare import check_dataset_with_config
 
     out = Output(json)
     if demo == (dataset is not None):

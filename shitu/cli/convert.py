@@ -37,8 +37,8 @@ def convert(
     from rich.markup import escape
 
     from shitu.data.convert import convert_dataset
+    from shitu.data.formats import SplitOptions
     from shitu.errors import ShituError
-    from shitu.formats import SplitOptions
 
     out = Output(json)
     report_broken_plugins(out)

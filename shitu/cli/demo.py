@@ -30,7 +30,7 @@ def demo_command(
     Checks the bundled dataset (20 grocery products), measures the untrained model, trains
     PP-ShiTuV2_rec, measures it again, builds a vector index of the gallery and recognises held-out photos.
     """
-    from shitu.demo import BUDGETS, run_demo
+    from shitu.demo.run import BUDGETS, run_demo
     from shitu.errors import ShituError
 
     out = Output(json)

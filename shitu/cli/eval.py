@@ -75,9 +75,9 @@ def eval_command(
     With several processes (--distributed, or --coordinator/--num-processes/--process-id) each embeds its
     share of the images; process 0 computes the metrics and writes the files.
     """
+    from shitu.embed.recognizer import load_recognizer
     from shitu.evaluation.evaluate import evaluate_dataset, read_eval_lists, write_evaluate_result
     from shitu.evaluation.metrics import MODES
-    from shitu.recognizer import load_recognizer
     from shitu.runtime import configure_jax
 
     if (model_dir is None) == (model is None):
@@ -140,8 +140,8 @@ def _parse_topk(text: str) -> list[int]:
 
 def _load_config(model_dir: Path | None, model: str | None, overrides: list[str]) -> Config:
     """The bundle's config (or its model's), or the named model's, with ``-o`` overrides applied."""
-    from shitu.bundle import CONFIG_FILE, read_bundle_info
     from shitu.config import load_config
+    from shitu.models.bundle import CONFIG_FILE, read_bundle_info
 
     if model_dir is None:
         return load_config(str(model), overrides)

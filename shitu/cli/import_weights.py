@@ -28,8 +28,8 @@ def import_weights(
     """
     from rich.markup import escape
 
-    from shitu.importer import import_weights as run_import
     from shitu.runtime import configure_jax
+    from shitu.weights.importer import import_weights as run_import
 
     out = Output(json)
     configure_jax()

@@ -79,10 +79,10 @@ def build(
     (--distributed, or --coordinator/--num-processes/--process-id) each embeds its share of the gallery and
     process 0 writes the index.
     """
-    from shitu.distributed import embed_sharded, shard_range
     from shitu.index import build_index
     from shitu.index.core import check_replaceable, index_lock
     from shitu.index.ops import load_recognizer_for, read_labelled_list
+    from shitu.runtime.distributed import embed_sharded, shard_range
 
     out, primary = join(
         json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id

@@ -71,7 +71,13 @@ def predict(
     """
     from rich.markup import escape
 
-    from shitu.predict import RandomWeightsWarning, UniqueNames, create_model, resolve_inputs, write_feature_matrix
+    from shitu.embed.predict import (
+        RandomWeightsWarning,
+        UniqueNames,
+        create_model,
+        resolve_inputs,
+        write_feature_matrix,
+    )
     from shitu.runtime import configure_jax
 
     out = Output(json)

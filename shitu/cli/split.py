@@ -31,8 +31,8 @@ def split(
     """Re-split all images of the three lists; the old lists are kept as .bak files."""
     from rich.markup import escape
 
+    from shitu.data.formats import SplitOptions
     from shitu.data.split import split_dataset
-    from shitu.formats import SplitOptions
 
     out = Output(json)
     written = split_dataset(dataset, SplitOptions(train=train, gallery=gallery, query=query, seed=seed, by=by))  # type: ignore[arg-type]

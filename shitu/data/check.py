@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shitu.data.formats import SPLITS, Issue
 from shitu.data.images import DEFAULT_MAX_PIXELS, ImageReport, inspect_images
 from shitu.data.lists import ListEntry, file_problem, locate_root, read_list, resolve_inside
 from shitu.fileio import JOURNAL_NAME, atomic_directory, atomic_write_json
-from shitu.formats import SPLITS, Issue
 
 #: ``on_progress(stage, advance, total)``: ``stage`` names the step, ``total`` its size.
 ProgressFn = Callable[[str, int, int], None]

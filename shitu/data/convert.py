@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from shitu.data.formats import SPLITS, ConversionPlan, Issue, Sample, SplitOptions
 from shitu.data.lists import file_problem, path_problem, resolve_inside
 from shitu.data.split import WriteResult, refuse_bundled_demo, validate_options, write_lists
 from shitu.errors import ShituError
 from shitu.fileio import recover
-from shitu.formats import SPLITS, ConversionPlan, Issue, Sample, SplitOptions
 
 
 def convert_dataset(

@@ -2,7 +2,7 @@
 
 A line is ``<image path relative to the dataset root> <integer label>``. PaddleX splits on every space,
 so an image path with a space in it breaks there; shitu splits on the last space, so such paths work.
-Every problem is reported as an :class:`~shitu.formats.Issue` with its file and line; nothing raises.
+Every problem is reported as an :class:`~shitu.data.formats.Issue` with its file and line; nothing raises.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from shitu.data.formats import SPLITS, Issue, Sample
 from shitu.errors import ShituError
-from shitu.formats import SPLITS, Issue, Sample
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _LABEL_MIN, _LABEL_MAX = -(2**63), 2**63 - 1  # labels are int64, as in PaddleClas

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shitu.data.formats import SPLITS, Sample, SplitOptions
 from shitu.data.lists import format_lines, locate_root, read_list, resolve_inside
 from shitu.errors import ShituError
 from shitu.fileio import recover, replace_together
-from shitu.formats import SPLITS, Sample, SplitOptions
 
 
 def validate_options(options: SplitOptions) -> None:

@@ -93,8 +93,8 @@ def embed_entries(
 ) -> np.ndarray:
     """Features [N, D] of the listed images, in list order; a ShituError naming the list line of the first
     image that cannot be read (evaluation must not skip images). In a multi-process run each process embeds
-    its share and every process gets all the features (:func:`shitu.distributed.embed_sharded`)."""
-    from shitu.distributed import embed_sharded, shard_range
+    its share and every process gets all the features (:func:`shitu.runtime.distributed.embed_sharded`)."""
+    from shitu.runtime.distributed import embed_sharded, shard_range
 
     sources = [root / entry.sample.path for entry in entries]
     total = len(sources)

@@ -1,6 +1,6 @@
 """Turning command-line inputs (image files, folders, text files of paths) into a list of image paths.
 
-A minimal private version for ``shitu index`` and ``shitu search``; ``shitu.predict.resolve_inputs`` (being
+A minimal private version for ``shitu index`` and ``shitu search``; ``shitu.embed.predict.resolve_inputs`` (being
 written in parallel) is meant to replace it.
 """
 

@@ -66,7 +66,7 @@ def load_recognizer_for(
 ) -> Any:
     """The recognizer to embed with: ``model_dir`` when given, else the bundle (or model name, for random
     weights) recorded in ``index``. Checked against the index (model, embedding size, input size)."""
-    from shitu.recognizer import load_recognizer
+    from shitu.embed.recognizer import load_recognizer
     from shitu.runtime import configure_jax
 
     configure_jax()

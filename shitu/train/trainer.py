@@ -290,7 +290,7 @@ class _StopFlag:
     def agreed(self) -> bool:
         """Whether to stop now, the same answer in every process of a multi-process run (a signal reaches
         them at different steps; they must stop at the same one, or the collectives would hang)."""
-        from shitu.distributed import any_process, process_count
+        from shitu.runtime.distributed import any_process, process_count
 
         if process_count() == 1:
             return self.requested is not None
@@ -336,7 +336,7 @@ def load_pretrained(model: Any, source: Path, *, spec: Any, emit: EventFn) -> No
     import jax
     from flax import nnx
 
-    from shitu.bundle import INFO_FILE, load_bundle
+    from shitu.models.bundle import INFO_FILE, load_bundle
 
     if not source.exists():
         raise ShituError("pretrained weights not found", path=source)
@@ -380,7 +380,7 @@ def load_pretrained(model: Any, source: Path, *, spec: Any, emit: EventFn) -> No
                 },
             )
         return
-    from shitu.importer import import_paddle_state, read_paddle_state
+    from shitu.weights.importer import import_paddle_state, read_paddle_state
 
     if spec.paddle_importer is None:
         raise ShituError(f"model {spec.name} cannot read Paddle weights; give a shitu bundle", path=source)
@@ -452,9 +452,9 @@ def train(
     config = _resolve_config(provisional, out_dir, resume)
 
     # -- everything that can be checked without compiling --------------------------------------------
-    from shitu.distributed import is_primary
     from shitu.plugins import get_host
     from shitu.runtime import configure_jax
+    from shitu.runtime.distributed import is_primary
 
     configure_jax()
     spec = get_host().model(str(config.get("Global.model")))
@@ -531,7 +531,7 @@ def train(
     # -- the output folder ---------------------------------------------------------------------------
     # Process 0 alone locks, checks and prepares the folder; the others follow its verdict (they would
     # otherwise see the lock taken, or the files process 0 has just written, and refuse).
-    from shitu.distributed import local_device, run_on_primary
+    from shitu.runtime.distributed import local_device, run_on_primary
 
     primary = is_primary()
     with contextlib.ExitStack() as folder_lock:
@@ -722,7 +722,7 @@ class _Session:
 
     def _recorded_done_everywhere(self) -> bool:
         """:meth:`_recorded_done` as process 0 reads it (it rewrites the file soon after), in every process."""
-        from shitu.distributed import broadcast_json
+        from shitu.runtime.distributed import broadcast_json
 
         return bool(broadcast_json(self._recorded_done() if self.primary else False))
 
@@ -1040,8 +1040,8 @@ class _Evaluator:
     def __init__(self, session: _Session, model: Any) -> None:
         from flax import nnx
 
-        from shitu.distributed import local_device
-        from shitu.recognizer import Recognizer
+        from shitu.embed.recognizer import Recognizer
+        from shitu.runtime.distributed import local_device
 
         self.session = session
         here = local_device(session.devices)
@@ -1068,7 +1068,7 @@ class _Evaluator:
     def load(self, state: Any) -> None:
         from flax import nnx
 
-        from shitu.distributed import local_copy, local_device
+        from shitu.runtime.distributed import local_copy, local_device
 
         device = local_device(self.session.devices)
         nnx.update(self.model, local_copy(state["params"], device), local_copy(state["batch_stats"], device))
@@ -1100,8 +1100,8 @@ class _Evaluator:
 
     def _bundle(self, path: Path, extra: dict[str, Any]) -> Path:
         """Write the evaluation model as a bundle (process 0 only: in a multi-process run it writes alone)."""
-        from shitu.bundle import save_bundle
-        from shitu.distributed import host_model, orbax_alone, process_count
+        from shitu.models.bundle import save_bundle
+        from shitu.runtime.distributed import host_model, orbax_alone, process_count
 
         session = self.session
         model = self.model if process_count() == 1 else host_model(self.model)

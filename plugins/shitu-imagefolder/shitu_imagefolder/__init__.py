@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import shitu
-from shitu.formats import SPLITS, ConversionPlan, DatasetFormat, Issue, Sample, SplitOptions
+from shitu.data.formats import SPLITS, ConversionPlan, DatasetFormat, Issue, Sample, SplitOptions
 
 __version__ = "0.1.0"
 

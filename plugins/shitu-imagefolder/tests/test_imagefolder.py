@@ -16,7 +16,7 @@ import pytest
 import shitu
 from shitu.data.convert import convert_dataset
 from shitu.data.demo import demo_dataset_path
-from shitu.formats import SplitOptions
+from shitu.data.formats import SplitOptions
 from shitu.plugins import PluginHost, reset_host
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]

@@ -24,9 +24,9 @@ from shitu.builtin.labelme import LabelMe
 from shitu.config import MAX_YAML_VALUES, load_config
 from shitu.data.check import check_dataset
 from shitu.data.convert import convert_dataset
+from shitu.data.formats import SPLITS, Sample
 from shitu.data.lists import format_lines, parse_line, path_problem, read_list
 from shitu.errors import ShituError
-from shitu.formats import SPLITS, Sample
 
 INT64 = (-(2**63), 2**63 - 1)
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the hardening tests (tests/test_hardening_*.py; see docs/RELIABILITY.md).
+"""Helpers shared by the hardening tests (tests/hardening/test_hardening_*.py; see docs/RELIABILITY.md).
 
 ``SHITU_FUZZ_SCALE=N`` multiplies every hypothesis example count (``nox -s reliability`` runs with 10).
 """

@@ -472,7 +472,7 @@ class Predictor:
         ``unresolved`` as ``(position, EmbedFailure)``: position = how many inputs came before it."""
         from PIL import Image
 
-        from shitu.recognizer import EmbedFailure
+        from shitu.embed.recognizer import EmbedFailure
 
         if isinstance(inputs, (str, os.PathLike, np.ndarray, Image.Image, bytes, bytearray)):
             inputs = [inputs]
@@ -503,7 +503,7 @@ class Predictor:
         are resolved with :func:`resolve_inputs`. An input that cannot be read (or resolves to nothing)
         raises a ShituError naming it, after the results of the inputs before it; with ``on_failure`` it is
         passed there instead, in input order, and the others still run (a
-        :class:`shitu.recognizer.EmbedFailure`; its ``index`` is -1 for an input that resolved to nothing).
+        :class:`shitu.embed.recognizer.EmbedFailure`; its ``index`` is -1 for an input that resolved to nothing).
         Features do not depend on ``batch_size``.
         """
         k = self.topk if topk is None else int(topk)
@@ -551,7 +551,7 @@ class Predictor:
 
 def installed_bundle(name: str) -> Path | None:
     """The bundle installed for model ``name`` at ``shitu.runtime.cache_dir()/models/NAME``, if any."""
-    from shitu.bundle import INFO_FILE
+    from shitu.models.bundle import INFO_FILE
     from shitu.runtime import cache_dir
 
     if not name or "/" in name or os.sep in name or name.startswith("."):
@@ -593,7 +593,7 @@ def create_model(
     ``input_size`` overrides the size images are resized to (default: the bundle's, else the model's).
     ``index``: an index folder or an object with ``search`` (see :class:`Predictor`).
     """
-    from shitu.recognizer import load_recognizer
+    from shitu.embed.recognizer import load_recognizer
 
     if _looks_like_path(model):
         recognizer = load_recognizer(model, input_size=input_size)

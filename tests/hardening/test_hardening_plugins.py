@@ -17,8 +17,8 @@ from hardening_support import assert_located
 
 from shitu import hookimpl
 from shitu.data.convert import convert_dataset
+from shitu.data.formats import ConversionPlan, DatasetFormat, Issue, Sample
 from shitu.errors import ShituError
-from shitu.formats import ConversionPlan, DatasetFormat, Issue, Sample
 from shitu.plugins import PluginHost, PluginInfo, iter_plugin_errors
 
 
@@ -190,7 +190,7 @@ def test_a_third_party_format_that_raises_in_convert_is_one_line_on_the_cli(tmp_
     site = tmp_path / "site"
     site.mkdir()
     (site / "crashing_format.py").write_text(
-        "import shitu\nfrom shitu.formats import DatasetFormat\n\n"
+        "import shitu\nfrom shitu.data.formats import DatasetFormat\n\n"
         "class Crashing(DatasetFormat):\n"
         "    name = 'Crashing'\n    converts = True\n\n"
         "    def convert(self, root, options):\n        raise ZeroDivisionError('division by zero')\n\n"

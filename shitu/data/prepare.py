@@ -7,8 +7,8 @@ from pathlib import Path
 
 from shitu.config import Config
 from shitu.data.check import CheckResult, ProgressFn, check_dataset
+from shitu.data.formats import SplitOptions
 from shitu.errors import ShituError
-from shitu.formats import SplitOptions
 
 
 def check_dataset_with_config(

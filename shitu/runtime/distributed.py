@@ -273,7 +273,7 @@ def host_model(model: Any) -> Any:
 @contextlib.contextmanager
 def orbax_alone() -> Iterator[None]:
     """Within it, the ``orbax.checkpoint.StandardCheckpointer``s created (e.g. by
-    :func:`shitu.bundle.save_bundle`) act for this process alone: no barrier waits for the other processes.
+    :func:`shitu.models.bundle.save_bundle`) act for this process alone: no barrier waits for the other processes.
     A no-op in a lone process.
 
     Why a patch: a bundle is written by process 0 only, and ``save_bundle`` does not take Orbax's
@@ -401,12 +401,12 @@ def embed_sharded(
     recognizer: Any, sources: Sequence[Any], *, batch_size: int = 32, progress: Callable[[int], None] | None = None
 ) -> Any:
     """``recognizer.embed(sources)`` with the work split over the processes: each embeds its contiguous shard
-    (:func:`shard_range`), then every process gets the whole :class:`~shitu.recognizer.Embedded` (features in
+    (:func:`shard_range`), then every process gets the whole :class:`~shitu.embed.recognizer.Embedded` (features in
     input order, positions and failures counted in ``sources``). ``progress`` counts this process's images.
     A lone process just calls ``recognizer.embed``."""
     import numpy as np
 
-    from shitu.recognizer import Embedded, EmbedFailure
+    from shitu.embed.recognizer import Embedded, EmbedFailure
 
     if process_count() == 1:
         return recognizer.embed(sources, batch_size=batch_size, progress=progress)

@@ -14,10 +14,10 @@ from hardening_support import FileAccess, assert_located, watch_files
 
 from shitu.data.check import check_dataset
 from shitu.data.convert import convert_dataset
+from shitu.data.formats import SPLITS, SplitOptions
 from shitu.data.split import split_dataset
 from shitu.errors import ShituError
 from shitu.fileio import JOURNAL_NAME, recover
-from shitu.formats import SPLITS, SplitOptions
 
 
 @pytest.fixture

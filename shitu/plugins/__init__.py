@@ -26,8 +26,8 @@ from typing import Any
 
 import pluggy
 
-from shitu import hookspecs
 from shitu.errors import ShituError
+from shitu.plugins import hookspecs
 
 ENTRY_POINT_GROUP = "shitu"
 TRACE_VARIABLE = "SHITU_TRACE_PLUGINS"
@@ -373,12 +373,12 @@ def _safe_repr(item: Any) -> str:
 def _invalid(kind: str, item: Any) -> str | None:
     """Why a registered item cannot be used, or None."""
     if kind == "dataset format":
-        from shitu.formats import DatasetFormat
+        from shitu.data.formats import DatasetFormat
 
         if isinstance(item, type):
             return "is a class, not an instance (register(MyFormat()))"
         if not isinstance(item, DatasetFormat):
-            return "is not a shitu.formats.DatasetFormat"
+            return "is not a shitu.data.formats.DatasetFormat"
     if kind == "model":
         from shitu.models.spec import ModelSpec
 

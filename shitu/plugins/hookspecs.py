@@ -31,7 +31,7 @@ def register_models(register: Callable[[Any], None]) -> None:
 
 @hookspec
 def register_dataset_formats(register: Callable[[Any], None]) -> None:
-    """Call ``register(fmt)`` once per dataset format (a :class:`shitu.formats.DatasetFormat` instance).
+    """Call ``register(fmt)`` once per dataset format (a :class:`shitu.data.formats.DatasetFormat` instance).
 
     A format validates a folder of its kind and, unless it is ShiTuRecDataset itself, converts it into
     ShiTuRecDataset lists. Names are unique across plugins and matched case-insensitively.

@@ -185,8 +185,8 @@ def run_demo(
 
     # 2. the untrained model, measured the same way as the trained one
     from shitu.config import load_config
+    from shitu.embed.recognizer import Recognizer
     from shitu.evaluation.evaluate import evaluate_dataset
-    from shitu.recognizer import Recognizer
 
     config = load_config(MODEL, plan.overrides())
     start = clock()
@@ -201,7 +201,7 @@ def run_demo(
     pretrained = None
     if plan.start_weights:
         from shitu.data.demo import demo_start_weights_path
-        from shitu.recognizer import load_recognizer
+        from shitu.embed.recognizer import load_recognizer
 
         pretrained = demo_start_weights_path()
         start = clock()
@@ -229,7 +229,7 @@ def run_demo(
         raise ShituError("training produced no best model", path=out / "train")
 
     # 4. the trained model
-    from shitu.recognizer import load_recognizer
+    from shitu.embed.recognizer import load_recognizer
 
     start = clock()
     emit("stage-start", {"name": "evaluate trained"})
@@ -334,7 +334,7 @@ def _label_names(root: Path) -> dict[int, str]:
 
 def _write_report(out: Path, result: DemoResult, trained: Any, root: Path) -> Path:
     from shitu import __version__
-    from shitu.html_report import MatchRow, Report, match_grid, png_tag, table
+    from shitu.demo.report import MatchRow, Report, match_grid, png_tag, table
 
     report = Report(
         title="shitu demo: recognising grocery products",

@@ -237,7 +237,7 @@ def load_recognizer(
 
     path = Path(model)
     if path.exists() or os.sep in str(model) or str(model).startswith("."):
-        from shitu.bundle import load_bundle
+        from shitu.models.bundle import load_bundle
 
         bundle = load_bundle(path, host=host)
         size = input_size or int(bundle.info.extra.get("input_size") or bundle.info.input_size)

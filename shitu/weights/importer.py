@@ -101,8 +101,8 @@ def import_weights(
     The class count is the file's head's unless ``num_classes`` is given (a head of another size is then
     skipped, as Paddle's set_dict does); a file without a head gives a 1-class placeholder head.
     """
-    from shitu.bundle import save_bundle
     from shitu.config import load_config
+    from shitu.models.bundle import save_bundle
     from shitu.plugins import get_host
 
     spec = get_host().model(model)

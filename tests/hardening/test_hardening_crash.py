@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from conftest import write_image
 
+from shitu.data.formats import SPLITS
 from shitu.fileio import JOURNAL_NAME, recover
-from shitu.formats import SPLITS
 
 WRAPPER = """
 import os, sys

@@ -30,7 +30,7 @@ from shitu.errors import ShituError
 from shitu.weights import load_inference_model, load_pdparams
 from shitu.weights.pdparams import unpickle_restricted
 
-FIXTURES = Path(__file__).parent / "fixtures" / "paddle"
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "paddle"
 REC = "PP-ShiTuV2_rec"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 
@@ -194,8 +194,8 @@ def _bad_shapes(state: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]
 def test_wrong_shapes_and_types_are_skipped_or_refused(tiny_rec, case):
     """Like Paddle's set_dict, a key of another shape is skipped and reported; a wrong type (integers,
     complex numbers: they would be cast into the float parameters without a word) is refused, naming it."""
-    from shitu.importer import import_paddle_state
     from shitu.plugins import get_host
+    from shitu.weights.importer import import_paddle_state
 
     state = load_pdparams(FIXTURES / REC / f"{REC}.pdparams")
     changed = _bad_shapes(state)[case]
@@ -213,8 +213,8 @@ def test_wrong_shapes_and_types_are_skipped_or_refused(tiny_rec, case):
 
 def test_integer_entries_the_importer_does_not_read_are_ignored(tiny_rec):
     """Only what is loaded is checked: an unused integer entry (a counter, say) does not stop the import."""
-    from shitu.importer import import_paddle_state
     from shitu.plugins import get_host
+    from shitu.weights.importer import import_paddle_state
 
     state = load_pdparams(FIXTURES / REC / f"{REC}.pdparams")
     report = import_paddle_state(get_host().model(REC), tiny_rec, {**state, "step_counter": np.int64(7) * np.ones(1)})
@@ -326,7 +326,7 @@ def tiny_bundle(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
     import jax
     from flax import nnx
 
-    from shitu.bundle import save_bundle
+    from shitu.models.bundle import save_bundle
     from shitu.plugins import get_host
 
     spec = get_host().model(REC)
@@ -383,7 +383,7 @@ DAMAGE = [
 
 @pytest.mark.parametrize("how", DAMAGE)
 def test_damaged_bundle_is_refused(tiny_bundle, tmp_path, how):
-    from shitu.bundle import load_bundle
+    from shitu.models.bundle import load_bundle
 
     bundle, _ = tiny_bundle
     damaged = _damage(bundle, tmp_path / "damaged", how)
@@ -395,7 +395,7 @@ def test_damaged_bundle_is_refused(tiny_bundle, tmp_path, how):
 
 @pytest.mark.slow  # tests/test_bundle.py loads checksummed bundles in the default run
 def test_undamaged_tiny_bundle_loads_with_its_checksum(tiny_bundle):
-    from shitu.bundle import load_bundle, read_bundle_info
+    from shitu.models.bundle import load_bundle, read_bundle_info
 
     bundle, params = tiny_bundle
     assert len(read_bundle_info(bundle).params_crc32) == 8
@@ -407,7 +407,7 @@ def test_undamaged_tiny_bundle_loads_with_its_checksum(tiny_bundle):
 def test_every_file_of_a_bundle_damaged_every_way(tiny_bundle, tmp_path):
     """Each file of the bundle truncated, emptied, deleted, overwritten: refused, or (a file Orbax does not
     need) loaded with exactly the saved parameters. Never a silently different model."""
-    from shitu.bundle import load_bundle
+    from shitu.models.bundle import load_bundle
 
     bundle, params = tiny_bundle
     outcomes = {"refused": 0, "same": 0}
@@ -456,7 +456,7 @@ INFO_VALUES = st.one_of(
 def test_fuzzed_bundle_descriptions_fail_located(tiny_bundle, tmp_path, changes, drop):
     """shitu_model.json edited: read_bundle_info refuses it located, or load_bundle builds the model or refuses
     it located (options the builder does not take, shapes that do not fit the checkpoint)."""
-    from shitu.bundle import INFO_FILE, load_bundle, read_bundle_info
+    from shitu.models.bundle import INFO_FILE, load_bundle, read_bundle_info
 
     bundle, _ = tiny_bundle
     copy = tmp_path / "edited"
@@ -483,7 +483,7 @@ def test_fuzzed_bundle_descriptions_fail_located(tiny_bundle, tmp_path, changes,
     "arch", [{"scale": "x"}, {"nope": 1}, pytest.param({"scale": 0.25, "embedding_size": -3}, marks=pytest.mark.slow)]
 )
 def test_bundle_options_the_builder_refuses_are_located(tiny_bundle, tmp_path, arch):
-    from shitu.bundle import INFO_FILE, load_bundle
+    from shitu.models.bundle import INFO_FILE, load_bundle
 
     bundle, _ = tiny_bundle
     copy = tmp_path / "edited"

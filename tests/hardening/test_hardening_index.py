@@ -256,7 +256,7 @@ EXCHANGE = "shitu.index.core:_exchange_directories"
 def gallery(tmp_path_factory) -> tuple[Path, Path, Path]:
     """A tiny bundle (PP-ShiTuV2_rec at width 0.25, 32 px) and two gallery lists: old (5 images) and
     new (8 images), in one dataset folder."""
-    from shitu.bundle import save_bundle
+    from shitu.models.bundle import save_bundle
     from shitu.plugins import get_host
 
     base = tmp_path_factory.mktemp("gallery")

@@ -1,6 +1,6 @@
 """Broken and hostile images in ``shitu predict`` (see docs/RELIABILITY.md): each input works or is one
 ``error:`` line on stderr naming it, the good ones still produce their features, and the exit code says that
-some failed. The images are those of ``shitu check``'s test (tests/test_hardening_images.py)."""
+some failed. The images are those of ``shitu check``'s test (tests/hardening/test_hardening_images.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from test_hardening_images import CASES, make
 
-from shitu.predict import resolve_inputs
+from shitu.embed.predict import resolve_inputs
 
 SIZE = 32
 GOOD = ["good_a.jpg", "good_b.png"]
@@ -28,7 +28,7 @@ FAILING = [name for name, (_, expected, _) in CASES.items() if expected == "erro
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """PP-ShiTuV2_rec at width 0.25 (random weights, seed 0), embedding at 32 px."""
-    from shitu.bundle import save_bundle
+    from shitu.models.bundle import save_bundle
     from shitu.plugins import get_host
 
     spec = get_host().model("PP-ShiTuV2_rec")
