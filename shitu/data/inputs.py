@@ -164,7 +164,7 @@ class _Resolver:
 
         for root, dirs, names in os.walk(folder, onerror=unreadable):
             kept = []
-            for name in dirs:
+            for name in sorted(dirs):
                 path = os.path.join(root, name)
                 if name.startswith("."):
                     self.skip(path, "hidden folder")
