@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import tree_digest, write_image
 
+from shitu.data.inputs import resolve
 from shitu.errors import ShituError
 from shitu.index import Hit, RetrievalIndex, build_index, open_index, vote
-from shitu.data.inputs import resolve
 
 RECOGNIZER = {"model": "toy", "embedding_size": 32, "input_size": 64, "bundle": None}
 
