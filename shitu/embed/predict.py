@@ -322,9 +322,10 @@ class Predictor:
 
         ``inputs``: a path, folder, glob, list file, URL, RGB uint8 array, PIL image or encoded bytes, or an
         iterable of them (a generator is consumed only as results are taken, one batch ahead). Path strings
-        are resolved with :func:`resolve_inputs`. An input that cannot be read (or resolves to nothing)
-        raises a ShituError naming it, after the results of the inputs before it; with ``on_failure`` it is
-        passed there instead, in input order, and the others still run (a
+        are resolved with :func:`resolve_inputs` (a file it skips in a folder is a :class:`SkippedFileWarning`).
+        An input that cannot be read (or resolves to nothing) raises a ShituError naming it, after the results
+        of the inputs before it; with ``on_failure`` it is passed there instead, in input order, and the others
+        still run (a
         :class:`shitu.embed.recognizer.EmbedFailure`; its ``index`` is -1 for an input that resolved to nothing).
         Features do not depend on ``batch_size``.
         """
