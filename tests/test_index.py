@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import tree_digest, write_image
 
+from shitu.data.inputs import resolve
 from shitu.errors import ShituError
 from shitu.index import Hit, RetrievalIndex, build_index, open_index, vote
-from shitu.index.inputs import resolve_inputs
 
 RECOGNIZER = {"model": "toy", "embedding_size": 32, "input_size": 64, "bundle": None}
 
@@ -275,12 +275,13 @@ def test_resolve_inputs(tmp_path):
     (tmp_path / "photos" / "notes.md").write_text("not an image")
     listing = tmp_path / "list.txt"
     listing.write_text("# queries\nphotos/a/1.jpg\n\nphotos/b/2.png 3\nphotos/missing.jpg\n")
-    resolved = resolve_inputs([tmp_path / "photos", listing, tmp_path / "gone.jpg", b])
+    resolved = resolve([tmp_path / "photos", listing, tmp_path / "gone.jpg", b])
     assert resolved.paths == [str(b), str(a), str(b), str(a), str(b)]
     assert resolved.problems == [
-        f"{listing}:5: image not found: photos/missing.jpg",
+        f"{listing}:5: not found: photos/missing.jpg",
         f"{tmp_path / 'gone.jpg'}: not found",
     ]
+    assert resolved.skipped == [f"{tmp_path / 'photos' / 'notes.md'}: skipped: not an image Pillow can open"]
 
 
 # -- the command line, on the bundled demo dataset with a random-weight model at 64 px ---------------------------
@@ -375,11 +376,10 @@ def test_cli_refuses_a_damaged_index(cli, tmp_path):
 
 
 def test_search_inputs_with_a_name_too_long_are_a_problem_not_a_crash(tmp_path):
-    from shitu.index.inputs import resolve_inputs
-
     listed = tmp_path / "list.txt"
     listed.write_text("y" * 300 + ".jpg\n")
-    resolved = resolve_inputs([str(tmp_path / ("x" * 300 + ".jpg")), str(listed)])
+    resolved = resolve([str(tmp_path / ("x" * 300 + ".jpg")), str(listed)])
     assert resolved.paths == []
     assert len(resolved.problems) == 2
-    assert "cannot read" in resolved.problems[0] and resolved.problems[1].startswith(f"{listed}:1: cannot read")
+    assert "too long" in resolved.problems[0] and resolved.problems[1].startswith(f"{listed}:1: yyy")
+    assert "too long" in resolved.problems[1]

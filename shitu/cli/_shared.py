@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shitu.cli._output import Output
 
@@ -26,3 +29,25 @@ def report_backups(out: Output, backups: list[Path]) -> None:
 
     for backup in backups:
         out.info(f"kept the previous {escape(backup.name.split('.bak')[0])} as {escape(str(backup))}")
+
+
+@contextmanager
+def shown_warnings(out: Output) -> Iterator[None]:
+    """While inside, a :class:`~shitu.embed.resolve.RandomWeightsWarning` is shown at once as a ``warning:``
+    line (bold red) on stderr, in JSON mode too, every time; other warnings are shown as Python shows them."""
+    from rich.markup import escape
+
+    from shitu.embed.resolve import RandomWeightsWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RandomWeightsWarning)
+        python_way = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, RandomWeightsWarning):
+                out.console.print(f"[bold red]warning:[/] {escape(str(message))}")
+            else:
+                python_way(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield

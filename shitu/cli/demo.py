@@ -32,6 +32,7 @@ def demo_command(
     """
     from shitu.demo.run import BUDGETS, run_demo
     from shitu.errors import ShituError
+    from shitu.runtime import configure_jax
 
     out = Output(json)
     if budget not in BUDGETS:
@@ -42,6 +43,7 @@ def demo_command(
         f"batch {plan.batch_size}{', from the bundled starting weights' if plan.start_weights else ''} → {output}"
     )
     renderer = _Renderer(out)
+    configure_jax()
     result = run_demo(output, budget=plan, overwrite=overwrite, on_event=renderer)
     document = result.to_json()
     out.emit(document)

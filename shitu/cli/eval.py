@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
@@ -19,9 +19,6 @@ from shitu.cli._options import JsonOption, OverrideOption
 from shitu.cli._output import Output
 from shitu.errors import ShituError
 
-if TYPE_CHECKING:
-    from shitu.config import Config
-
 MAX_CONFUSED_PAIRS = 10
 
 
@@ -30,7 +27,12 @@ def eval_command(
         Path | None, typer.Option("--model-dir", help="Model bundle to evaluate (from train or import-weights).")
     ] = None,
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="A registered model with RANDOM weights (smoke tests only).")
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="A registered model: its installed bundle (shitu's cache, models/NAME), else RANDOM weights.",
+        ),
     ] = None,
     dataset: Annotated[
         Path | None,
@@ -75,8 +77,8 @@ def eval_command(
     With several processes (--distributed, or --coordinator/--num-processes/--process-id) each embeds its
     share of the images; process 0 computes the metrics and writes the files.
     """
-    from shitu.embed.recognizer import load_recognizer
-    from shitu.evaluation.evaluate import evaluate_dataset, read_eval_lists, write_evaluate_result
+    from shitu.cli._shared import shown_warnings
+    from shitu.evaluation.evaluate import evaluate_model
     from shitu.evaluation.metrics import MODES
     from shitu.runtime import configure_jax
 
@@ -85,44 +87,42 @@ def eval_command(
     if mode not in MODES:
         raise ShituError(f"unknown --mode {mode!r} (choose from {', '.join(MODES)})")
     ks = _parse_topk(topk)
-    overrides = list(override or [])
-    config = _load_config(model_dir, model, overrides)
-    dataset_dir = dataset if dataset is not None else config.get("Global.dataset_dir", None)
-    if dataset_dir is None:
-        raise ShituError("no dataset: give --dataset DIR (or -o Global.dataset_dir=DIR)")
-    read_eval_lists(Path(dataset_dir))  # a bad list line fails here, before the model is loaded
-    output_dir = Path(output if output is not None else config.get("Global.output", "output"))
-    size = input_size if input_size is not None else _override_value(overrides, "Train.input_size", config)
-
     out, primary = join(
         json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
     )
-    if model is not None:
-        out.warning(f"{model} has RANDOM weights: these metrics only show that the pipeline runs")
     configure_jax()
-    recognizer = load_recognizer(model_dir if model_dir is not None else str(model), input_size=size)
-    with out.progress() as progress:
-        result = evaluate_dataset(
-            recognizer,
-            Path(dataset_dir),
-            batch_size=batch_size or int(config.get("Evaluate.batch_size", 64)),
+    with out.progress() as progress, shown_warnings(out):
+        evaluation = evaluate_model(
+            model_dir if model_dir is not None else str(model),
+            dataset=dataset,
+            output=output,
+            batch_size=batch_size,
             topk=ks,
             mode=mode,
-            progress=progress,
-            examples=(output_dir / "examples.png", examples) if examples and primary else None,
-            sim_block_size=int(config.get("Evaluate.sim_block_size", 64)),
             per_class=per_class,
             confusion_pairs=MAX_CONFUSED_PAIRS if per_class else 0,
+            examples=examples,
+            input_size=input_size,
+            overrides=list(override or []),
+            primary=primary,
+            progress=progress,
         )
     if not primary:  # process 0 writes and prints the results
         return 0
+    result = evaluation.result
     details = result.to_json()
-    written = write_evaluate_result(output_dir, result.metrics, details)
     for warning in result.warnings:
         out.warning(warning)
-    out.emit({"done_flag": True, "metrics": _paddlex_metrics(result.metrics), "details": details, "output": written})
+    out.emit(
+        {
+            "done_flag": True,
+            "metrics": _paddlex_metrics(result.metrics),
+            "details": details,
+            "output": evaluation.written,
+        }
+    )
     _render(out, result, ks, per_class)
-    out.info(f"results: {written}")
+    out.info(f"results: {evaluation.written}")
     if result.examples is not None:
         out.info(f"examples: {result.examples}")
     return 0
@@ -136,25 +136,6 @@ def _parse_topk(text: str) -> list[int]:
     if not values or any(k < 1 for k in values):
         raise ShituError(f"--topk must be positive integers separated by commas, e.g. 1,5,10 (got {text!r})")
     return sorted(set(values))
-
-
-def _load_config(model_dir: Path | None, model: str | None, overrides: list[str]) -> Config:
-    """The bundle's config (or its model's), or the named model's, with ``-o`` overrides applied."""
-    from shitu.config import load_config
-    from shitu.models.bundle import CONFIG_FILE, read_bundle_info
-
-    if model_dir is None:
-        return load_config(str(model), overrides)
-    if (model_dir / CONFIG_FILE).is_file():
-        return load_config(model_dir / CONFIG_FILE, overrides)
-    return load_config(read_bundle_info(model_dir).model, overrides)
-
-
-def _override_value(overrides: list[str], key: str, config: Config) -> Any:
-    """The config value of ``key`` when an override set it explicitly, else None (the model's default)."""
-    if any(item.split("=", 1)[0].strip() == key for item in overrides):
-        return config.get(key)
-    return None
 
 
 def _paddlex_metrics(metrics: Any) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
+import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -18,6 +18,7 @@ from shitu.cli._distributed import (
 )
 from shitu.cli._options import JsonOption
 from shitu.cli._output import Output
+from shitu.cli._shared import shown_warnings as _shown_warnings
 from shitu.errors import ShituError
 
 index_app = typer.Typer(
@@ -41,23 +42,16 @@ ModelDirOption = Annotated[
 ]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
 InputsArgument = Annotated[
-    list[str], typer.Argument(help="Image files, folders (searched recursively) or .txt files listing image paths.")
+    list[str],
+    typer.Argument(
+        help="Image files, folders (recursive), globs ('photos/**/*'), .txt/.lst lists of paths, http(s) URLs, "
+        "or '-' to read paths from stdin."
+    ),
 ]
-
-
-def _report_failures(out: Output, messages: list[str]) -> None:
-    for message in messages:
-        out.problem("error", message)
-
-
-def _embed(out: Output, recognizer: Any, paths: list[str], batch_size: int) -> Any:
-    with out.progress() as progress:
-        return recognizer.embed(paths, batch_size=batch_size, progress=lambda n: progress("embedding", n, len(paths)))
 
 
 @index_app.command("build")
 def build(
-    ctx: typer.Context,
     model_dir: Annotated[Path, typer.Option("--model-dir", help="The model bundle that embeds the gallery.")],
     gallery: Annotated[
         Path, typer.Option("--gallery", help="A '<path> <label>' list (e.g. DATASET/gallery.txt) or a dataset folder.")
@@ -79,50 +73,33 @@ def build(
     (--distributed, or --coordinator/--num-processes/--process-id) each embeds its share of the gallery and
     process 0 writes the index.
     """
-    from shitu.index import build_index
-    from shitu.index.core import check_replaceable, index_lock
-    from shitu.index.ops import load_recognizer_for, read_labelled_list
-    from shitu.runtime.distributed import embed_sharded, shard_range
+    from shitu.index.ops import build_gallery_index
+    from shitu.runtime import configure_jax
 
     out, primary = join(
         json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
     )
-    listed = read_labelled_list(gallery, default_split="gallery")
-    for warning in listed.warnings:
-        out.warning(warning)
-    if listed.errors:
-        _report_failures(out, listed.errors)
-        raise ShituError(f"{len(listed.errors)} problems in the gallery list; nothing was written", path=listed.file)
-    if primary:  # the writer holds the index's lock to the end: a second build is refused at once
-        ctx.with_resource(index_lock(output))
-    check_replaceable(output.absolute(), overwrite=overwrite)  # before the embedding, which takes a while
-    started = time.perf_counter()
-    recognizer = load_recognizer_for(None, model_dir)
-    with out.progress() as progress:
-        here = len(shard_range(len(listed.paths)))
-        embedded = embed_sharded(
-            recognizer, listed.paths, batch_size=batch_size, progress=lambda n: progress("embedding", n, here)
+    configure_jax()
+    with out.progress() as progress, _shown_warnings(out):
+        built = build_gallery_index(
+            gallery,
+            output,
+            model_dir=model_dir,
+            dtype=dtype.value,
+            batch_size=batch_size,
+            overwrite=overwrite,
+            primary=primary,
+            report=out.problem,
+            progress=progress,
         )
-    failures = [f.message for f in embedded.failures]
-    _report_failures(out, failures)
-    if not embedded.indices:
-        raise ShituError("no gallery image could be embedded; nothing was written", path=listed.file)
-    if not primary:  # process 0 writes the index
+    failures = built.failures
+    if built.index is None:  # process 0 writes the index
         return 1 if failures else 0
-    index = build_index(
-        embedded.features,
-        [listed.labels[i] for i in embedded.indices],
-        [listed.paths[i] for i in embedded.indices],
-        output=output,
-        recognizer_info=recognizer.describe(),
-        dtype=dtype.value,
-        overwrite=overwrite,
-    )
-    seconds = time.perf_counter() - started
-    out.emit({**index.info, "failures": failures, "seconds": round(seconds, 3)})
+    index = built.index
+    out.emit({**index.info, "failures": failures, "seconds": round(built.seconds, 3)})
     out.info(
         f"[green]Indexed[/] {len(index)} images of {index.info['num_labels']} labels "
-        f"({index.dtype}, {index.dim} dims) into {output} in {seconds:.1f} s"
+        f"({index.dtype}, {index.dim} dims) into {output} in {built.seconds:.1f} s"
         + (f"; [red]{len(failures)} left out[/]" if failures else "")
     )
     return 1 if failures else 0
@@ -131,7 +108,9 @@ def build(
 @index_app.command("add")
 def add(
     index_dir: IndexOption,
-    inputs: Annotated[list[str] | None, typer.Argument(help="Images, folders or .txt files of paths.")] = None,
+    inputs: Annotated[
+        list[str] | None, typer.Argument(help="Images, folders, globs, .txt files of paths, or '-' for stdin.")
+    ] = None,
     label: Annotated[int | None, typer.Option("--label", help="The label of every INPUT.")] = None,
     list_file: Annotated[
         Path | None, typer.Option("--list", help="A '<path> <label>' list instead of INPUT and --label.")
@@ -141,42 +120,27 @@ def add(
     json: JsonOption = False,
 ) -> int:
     """Embed more images and add them to an index (new keys; the index is rewritten as a unit)."""
-    from shitu.index import open_index
-    from shitu.index.inputs import resolve_inputs
-    from shitu.index.ops import load_recognizer_for, read_labelled_list
+    from shitu.index.ops import add_to_index
+    from shitu.runtime import configure_jax
 
     out = Output(json)
-    if (list_file is None) == (label is None) or (list_file is not None and inputs):
-        raise ShituError("give INPUT... with --label N, or --list FILE.txt alone")
-    index = open_index(index_dir)
-    problems: list[str] = []
-    if list_file is not None:
-        listed = read_labelled_list(list_file)
-        for warning in listed.warnings:
-            out.warning(warning)
-        problems += listed.errors
-        paths, labels = listed.paths, listed.labels
-    else:
-        resolved = resolve_inputs(inputs or [])
-        problems += resolved.problems
-        paths = [str(Path(p).absolute()) for p in resolved.paths]
-        labels = [int(label)] * len(paths)  # type: ignore[arg-type]
-    _report_failures(out, problems)
-    recognizer = load_recognizer_for(index, model_dir)
-    embedded = _embed(out, recognizer, paths, batch_size)
-    failures = [f.message for f in embedded.failures]
-    _report_failures(out, failures)
-    known = {item.path for item in index.items}
-    for i in embedded.indices:
-        if paths[i] in known:
-            out.warning(f"{paths[i]} is already in the index; added again under a new key")
-    keys = index.add(embedded.features, [labels[i] for i in embedded.indices], [paths[i] for i in embedded.indices])
-    if keys:
-        index.save()
-    added = [{"key": key, "label": labels[i], "path": paths[i]} for key, i in zip(keys, embedded.indices, strict=True)]
-    out.emit({"index": str(index.path), "added": added, "count": len(index), "failures": problems + failures})
-    out.info(f"[green]Added[/] {len(keys)} images; the index holds {len(index)}")
-    return 1 if problems or failures else 0
+    configure_jax()
+    with out.progress() as progress, _shown_warnings(out):
+        result = add_to_index(
+            index_dir,
+            inputs=inputs,
+            label=label,
+            list_file=list_file,
+            model_dir=model_dir,
+            batch_size=batch_size,
+            stdin=sys.stdin,
+            report=out.problem,
+            progress=progress,
+        )
+    index = result.index
+    out.emit({"index": str(index.path), "added": result.added, "count": len(index), "failures": result.failures})
+    out.info(f"[green]Added[/] {len(result.added)} images; the index holds {len(index)}")
+    return 1 if result.failures else 0
 
 
 @index_app.command("remove")
@@ -251,16 +215,20 @@ def evaluate(
 
     from shitu.index import open_index
     from shitu.index.ops import evaluate_index, load_recognizer_for
+    from shitu.runtime import configure_jax
 
     out = Output(json)
     ks = _parse_ks(k)
+    configure_jax()
     index = open_index(index_dir)
-    recognizer = load_recognizer_for(index, model_dir)
+    with _shown_warnings(out):
+        recognizer = load_recognizer_for(index, model_dir)
     with out.progress() as progress:
         result = evaluate_index(
             index, recognizer, dataset, ks=ks, batch_size=batch_size, progress=lambda n: progress("embedding", n, None)
         )
-    _report_failures(out, result.failures)
+    for failure in result.failures:
+        out.problem("error", failure)
     out.emit(result.to_json())
     table = Table(title=f"{result.num_queries} queries", title_justify="left")
     for column in ("k", "ANN recall", "ANN top-k = exact", "vote accuracy"):
@@ -294,27 +262,35 @@ def search(
     """
     from rich.markup import escape
 
-    from shitu.index import open_index, vote
-    from shitu.index.inputs import resolve_inputs
-    from shitu.index.ops import load_recognizer_for
+    from shitu.index.ops import search_images
+    from shitu.runtime import configure_jax
 
     out = Output(json)
-    index = open_index(index_dir)
-    resolved = resolve_inputs(inputs)
-    _report_failures(out, resolved.problems)
-    failed = bool(resolved.problems)
-    recognizer = load_recognizer_for(index, model_dir)
-    paths = resolved.paths
-    for indices, features, failures in recognizer.iter_batches(paths, batch_size=batch_size):
-        _report_failures(out, [f.message for f in failures])
-        failed = failed or bool(failures)
-        for position, hits in zip(indices, index.search(features, k, exact=exact), strict=True):
-            label, score = vote(hits)
-            out.emit({"input": paths[position], "label": label, "score": score, "hits": [h.to_json() for h in hits]})
-            out.info(f"[bold]{escape(paths[position])}[/] → label {label} (score {score:.4f})")
-            for rank, hit in enumerate(hits, start=1):
+    errors: list[str] = []
+
+    def report(severity: str, message: str) -> None:
+        if severity == "error":
+            errors.append(message)
+        out.problem(severity, message)
+
+    configure_jax()
+    with _shown_warnings(out):
+        results = search_images(
+            index_dir,
+            inputs,
+            k=k,
+            exact=exact,
+            model_dir=model_dir,
+            batch_size=batch_size,
+            stdin=sys.stdin,
+            report=report,
+        )
+        for result in results:
+            out.emit(result.to_json())
+            out.info(f"[bold]{escape(result.input)}[/] → label {result.label} (score {result.score:.4f})")
+            for rank, hit in enumerate(result.hits, start=1):
                 out.info(f"  {rank:>2}. {hit.score:.4f}  label {hit.label:<6} key {hit.key:<6} {escape(hit.path)}")
-    return 1 if failed else 0
+    return 1 if errors else 0
 
 
 def register(app: typer.Typer) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -71,35 +70,28 @@ def predict(
     """
     from rich.markup import escape
 
-    from shitu.embed.predict import (
-        RandomWeightsWarning,
-        UniqueNames,
-        create_model,
-        resolve_inputs,
-        write_feature_matrix,
-    )
+    from shitu.cli._shared import shown_warnings
+    from shitu.data.inputs import resolve
+    from shitu.embed.predict import UniqueNames, create_model, write_feature_matrix
     from shitu.runtime import configure_jax
 
     out = Output(json)
     if (model is None) == (model_dir is None):
         raise ShituError("give either --model NAME or --model-dir BUNDLE")
-    problems: list[str] = []
-    paths = resolve_inputs(inputs, stdin=sys.stdin, problems=problems)
+    resolved = resolve(inputs, stdin=sys.stdin)
+    for skipped in resolved.skipped:
+        out.problem("warning", skipped)
+    problems = resolved.problems
     for problem in problems:
         out.problem("error", problem)
+    paths = resolved.paths
     if not paths:
         raise ShituError("no images to predict" + (" (see the errors above)" if problems else ""))
 
     configure_jax()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RandomWeightsWarning)
+    with shown_warnings(out):
         chosen: str | Path = model_dir if model_dir is not None else str(model)
         predictor = create_model(chosen, index=index, input_size=input_size, topk=topk)
-    for warning in caught:
-        if issubclass(warning.category, RandomWeightsWarning):
-            out.console.print(f"[bold red]warning:[/] {escape(str(warning.message))}")
-        else:
-            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     out.info(_model_line(predictor))
 
     failures: list[Any] = []

@@ -201,12 +201,12 @@ def run_demo(
     pretrained = None
     if plan.start_weights:
         from shitu.data.demo import demo_start_weights_path
-        from shitu.embed.recognizer import load_recognizer
+        from shitu.embed.resolve import resolve_model
 
         pretrained = demo_start_weights_path()
         start = clock()
         emit("stage-start", {"name": "evaluate starting weights"})
-        starting = evaluate_dataset(load_recognizer(pretrained, input_size=plan.input_size), root)
+        starting = evaluate_dataset(resolve_model(pretrained, input_size=plan.input_size), root)
         result.metrics_start = _headline(starting.metrics.to_json())
         stage("evaluate starting weights", start)
 
@@ -229,11 +229,11 @@ def run_demo(
         raise ShituError("training produced no best model", path=out / "train")
 
     # 4. the trained model
-    from shitu.embed.recognizer import load_recognizer
+    from shitu.embed.resolve import resolve_model
 
     start = clock()
     emit("stage-start", {"name": "evaluate trained"})
-    recognizer = load_recognizer(trained.best_model)
+    recognizer = resolve_model(trained.best_model)
     after = evaluate_dataset(recognizer, root, examples=(out / "examples.png", 8))
     result.metrics_after = _headline(after.metrics.to_json())
     stage("evaluate trained", start)

@@ -27,211 +27,40 @@ import copy
 import io
 import json
 import os
-import re
-import stat
 import sys
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from shitu.data.images import _EXTENSIONS
+from shitu.data.inputs import LIST_SUFFIXES, SkippedFileWarning, is_image_name, resolve_inputs
+from shitu.embed.resolve import RandomWeightsWarning, installed_bundle
 from shitu.errors import ShituError
 
-#: Suffixes taken as images when a folder is searched or a glob is expanded.
-IMAGE_SUFFIXES: frozenset[str] = frozenset(s for suffixes in _EXTENSIONS.values() for s in suffixes)
-#: Suffixes of text files read as lists of image paths, one per line.
-LIST_SUFFIXES: frozenset[str] = frozenset({".txt", ".lst", ".list"})
+__all__ = [
+    "DEFAULT_TOPK",
+    "LIST_SUFFIXES",
+    "FeatureResult",
+    "Predictor",
+    "RandomWeightsWarning",
+    "SkippedFileWarning",
+    "UniqueNames",
+    "create_model",
+    "installed_bundle",
+    "open_index_for",
+    "resolve_inputs",
+    "write_feature_matrix",
+]
+
 #: How many nearest gallery items a result carries when an index is attached (``topk``).
 DEFAULT_TOPK = 5
 
-_GLOB_CHARS = re.compile(r"[*?[]")
-
-
-class RandomWeightsWarning(UserWarning):
-    """A model was built with random weights: its features are not meaningful for recognition."""
-
-
-# -- inputs -------------------------------------------------------------------------------------------
-
 
 def _is_url(text: str) -> bool:
-    from shitu.data.transforms import is_url
+    from shitu.data.inputs import is_url
 
     return is_url(text)
-
-
-def _images_below(folder: Path) -> list[str]:
-    """Image files below ``folder``, recursively, sorted by path. Names starting with '.' (hidden files and
-    folders, macOS ``._x.jpg`` companions) are skipped; symbolic links to folders are not followed."""
-    found: list[str] = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(os.path.join(root, name))
-    return sorted(found)
-
-
-def _file_kind(path: Path) -> tuple[str, str | None]:
-    """What ``path`` is, found without opening it: ``folder``, ``file`` (a regular one, through links),
-    ``missing`` (also a dangling link), or ``refused`` with why: a pipe, socket or device (opening a pipe
-    blocks until someone writes; a device may never end), a link loop, a name too long..."""
-    from shitu.data.lists import file_problem
-
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return "missing", None
-    except (OSError, ValueError):  # ELOOP, ENAMETOOLONG, EACCES on a folder above, a NUL in the name
-        return "refused", file_problem(path)
-    if stat.S_ISDIR(mode):
-        return "folder", None
-    if stat.S_ISREG(mode):
-        return "file", None
-    return "refused", file_problem(path)
-
-
-class _Resolver:
-    def __init__(self, stdin: IO[str] | None, problems: list[str] | None) -> None:
-        self.stdin = stdin
-        self.problems = problems
-        self.paths: list[str] = []
-
-    def problem(self, message: str, path: str | os.PathLike[str] | None = None, line: int | None = None) -> None:
-        error = ShituError(message, path=path, line=line)
-        if self.problems is None:
-            raise error
-        self.problems.append(str(error))
-
-    def files(self, found: Iterable[str]) -> None:
-        """Paths found in a folder or by a pattern: the regular files are taken, the others reported."""
-        for path in found:
-            kind, why = _file_kind(Path(path))
-            if kind == "file":
-                self.paths.append(path)
-            else:
-                self.problem(why or "not found (a broken link?)", path=path)
-
-    def folder(self, folder: Path, shown: str) -> None:
-        found = _images_below(folder)
-        if not found:
-            self.problem("no images in this folder", path=shown)
-        self.files(found)
-
-    def entry(self, text: str, base: Path | None, where: str, line: int) -> None:
-        """One line of a list file or of stdin: a path (relative to ``base``), a URL or a folder."""
-        if _is_url(text):
-            self.paths.append(text)
-            return
-        candidate = Path(text) if base is None else base / text
-        kind, why = _file_kind(candidate)
-        if kind == "missing":
-            from shitu.data.lists import parse_line
-
-            parsed = parse_line(text)  # a ShiTuRecDataset line "<path> <label>" gives its path
-            if not isinstance(parsed, str):
-                labelled = Path(parsed[0]) if base is None else base / parsed[0]
-                if _file_kind(labelled)[0] != "missing":
-                    candidate = labelled
-                    kind, why = _file_kind(labelled)
-        if kind == "folder":
-            self.folder(candidate, str(candidate))
-        elif kind == "file":
-            self.paths.append(str(candidate))
-        elif kind == "refused":
-            self.problem(f"{text}: {why}", path=where, line=line)
-        else:
-            self.problem(f"not found: {text}", path=where, line=line)
-
-    def lines(self, text: str, base: Path | None, where: str) -> None:
-        for number, raw in enumerate(text.splitlines(), start=1):
-            entry = raw.strip()
-            if entry and not entry.startswith("#"):
-                self.entry(entry, base, where, number)
-
-    def list_file(self, file: Path) -> None:
-        try:
-            text = file.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            self.problem(f"cannot read the list: {exc}", path=file)
-            return
-        self.lines(text, file.parent, str(file))
-
-    def glob(self, pattern: str) -> None:
-        import glob
-
-        found: set[str] = set()
-        for match in glob.glob(pattern, recursive=True):
-            path = Path(match)
-            if _file_kind(path)[0] == "folder":
-                found.update(_images_below(path))
-            elif path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-                found.add(match)
-        if not found:
-            self.problem("no image matches this pattern", path=pattern)
-        self.files(sorted(found))  # once each, even when a folder and its files both match
-
-    def one(self, raw: str | os.PathLike[str]) -> None:
-        text = os.fspath(raw)
-        if text == "-":
-            stream = self.stdin if self.stdin is not None else sys.stdin
-            self.lines(stream.read(), None, "<stdin>")
-            return
-        if _is_url(text):
-            self.paths.append(text)
-            return
-        path = Path(text)
-        kind, why = _file_kind(path)
-        if kind == "folder":
-            self.folder(path, text)
-        elif kind == "file" and path.suffix.lower() in LIST_SUFFIXES:
-            self.list_file(path)
-        elif kind == "file":
-            self.paths.append(text)
-        elif kind == "refused" and not _GLOB_CHARS.search(text):
-            self.problem(why or "cannot be read", path=text)
-        elif _GLOB_CHARS.search(text):
-            self.glob(text)
-        else:
-            self.problem("not found", path=text)
-
-
-def resolve_inputs(
-    inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
-    *,
-    stdin: IO[str] | None = None,
-    problems: list[str] | None = None,
-) -> list[str]:
-    """The image paths and URLs that ``inputs`` stand for, in order (duplicates kept).
-
-    Each input is, in this order of precedence:
-
-    - ``-``: one entry per line of ``stdin`` (default ``sys.stdin``), relative to the working folder;
-    - an ``http://`` / ``https://`` URL: kept as it is (fetched when decoded);
-    - a folder: every image file below it (by suffix, :data:`IMAGE_SUFFIXES`), recursively, sorted; names
-      starting with '.' are skipped;
-    - a ``.txt`` / ``.lst`` / ``.list`` file: one entry per line, relative to the file's folder; blank lines
-      and lines starting with '#' are skipped; a ShiTuRecDataset line ``<path> <label>`` gives its path;
-    - any other regular file (through links): itself (whatever its suffix; decoding decides);
-    - a pattern with ``*``, ``?`` or ``[`` that is not an existing path: the image files it matches and
-      the images below the folders it matches (``**`` spans folders), each once, sorted; so a quoted
-      pattern works as the shell would expand it.
-
-    An entry of a list or of stdin may be a path, a folder or a URL (not a pattern). Something that
-    resolves to nothing (missing path, empty folder, pattern without match, unreadable list) or that is
-    no regular file (a named pipe, which would block the reader; a device, a socket, a link loop, a name
-    too long; also when found in a folder or by a pattern) raises a one-line ShituError, or, when
-    ``problems`` is a list, is appended to it as that line and the rest is still resolved.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    resolver = _Resolver(stdin, problems)
-    for raw in inputs:
-        resolver.one(raw)
-    return resolver.paths
 
 
 # -- results ------------------------------------------------------------------------------------------
@@ -259,13 +88,6 @@ def _format_data(value: Any) -> Any:
     if hasattr(value, "score") and hasattr(value, "path"):  # a search hit
         return _hit_to_json(value)
     return value
-
-
-def _is_image_name(path: str | os.PathLike[str]) -> bool:
-    import mimetypes
-
-    kind, _ = mimetypes.guess_type(os.fspath(path))
-    return kind is not None and kind.startswith("image/")
 
 
 class FeatureResult(dict):
@@ -356,10 +178,10 @@ class FeatureResult(dict):
         """Where :meth:`save_to_img` writes: the path itself when it names an image file (by suffix), else
         ``save_path/<input stem>_res<input suffix or .png>`` (PaddleX's ``ImgMixin`` rule)."""
         target = Path(save_path)
-        if _is_image_name(target):
+        if is_image_name(target):
             return target
         name = self._input_name()
-        suffix = Path(name).suffix if name is not None and _is_image_name(name) else ".png"
+        suffix = Path(name).suffix if name is not None and is_image_name(name) else ".png"
         return target / f"{self.input_stem}_res{suffix.lower()}"
 
     def save_to_img(self, save_path: str | os.PathLike[str]) -> Path:
@@ -500,9 +322,10 @@ class Predictor:
 
         ``inputs``: a path, folder, glob, list file, URL, RGB uint8 array, PIL image or encoded bytes, or an
         iterable of them (a generator is consumed only as results are taken, one batch ahead). Path strings
-        are resolved with :func:`resolve_inputs`. An input that cannot be read (or resolves to nothing)
-        raises a ShituError naming it, after the results of the inputs before it; with ``on_failure`` it is
-        passed there instead, in input order, and the others still run (a
+        are resolved with :func:`resolve_inputs` (a file it skips in a folder is a :class:`SkippedFileWarning`).
+        An input that cannot be read (or resolves to nothing) raises a ShituError naming it, after the results
+        of the inputs before it; with ``on_failure`` it is passed there instead, in input order, and the others
+        still run (a
         :class:`shitu.embed.recognizer.EmbedFailure`; its ``index`` is -1 for an input that resolved to nothing).
         Features do not depend on ``batch_size``.
         """
@@ -549,22 +372,6 @@ class Predictor:
     __call__ = predict
 
 
-def installed_bundle(name: str) -> Path | None:
-    """The bundle installed for model ``name`` at ``shitu.runtime.cache_dir()/models/NAME``, if any."""
-    from shitu.models.bundle import INFO_FILE
-    from shitu.runtime import cache_dir
-
-    if not name or "/" in name or os.sep in name or name.startswith("."):
-        return None
-    folder = cache_dir() / "models" / name
-    return folder if (folder / INFO_FILE).is_file() else None
-
-
-def _looks_like_path(model: str | os.PathLike[str]) -> bool:
-    text = os.fspath(model)
-    return Path(text).exists() or "/" in text or os.sep in text or text.startswith(".")
-
-
 def open_index_for(index: Any, recognizer: Any) -> Any:
     """``index`` as a searchable object: an index folder is opened with :func:`shitu.index.open_index` and
     checked against ``recognizer`` (same model, embedding size and input size); an object with a
@@ -593,32 +400,11 @@ def create_model(
     ``input_size`` overrides the size images are resized to (default: the bundle's, else the model's).
     ``index``: an index folder or an object with ``search`` (see :class:`Predictor`).
     """
-    from shitu.embed.recognizer import load_recognizer
+    from shitu.embed.resolve import resolve_model
 
-    if _looks_like_path(model):
-        recognizer = load_recognizer(model, input_size=input_size)
-    else:
-        installed = installed_bundle(os.fspath(model))
-        if installed is not None:
-            recognizer = load_recognizer(installed, input_size=input_size)
-        else:
-            recognizer = load_recognizer(os.fspath(model), input_size=input_size, seed=seed)
-            warnings.warn(
-                RandomWeightsWarning(
-                    f"{model} has RANDOM weights (no bundle installed at "
-                    f"{Path(_cache_models_dir()) / os.fspath(model)}): its features are meaningless for "
-                    "recognition; pass a bundle folder (shitu import-weights / shitu train make one)"
-                ),
-                stacklevel=2,
-            )
+    recognizer = resolve_model(model, input_size=input_size, seed=seed)
     searchable = open_index_for(index, recognizer) if index is not None else None
     return Predictor(recognizer, index=searchable, topk=topk)
-
-
-def _cache_models_dir() -> Path:
-    from shitu.runtime import cache_dir
-
-    return cache_dir() / "models"
 
 
 # -- writing many results -----------------------------------------------------------------------------

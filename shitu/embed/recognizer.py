@@ -229,17 +229,19 @@ def load_recognizer(
     seed: int = 0,
     host: Any | None = None,
 ) -> Recognizer:
-    """A recognizer from a bundle folder, or from a registered model name (random weights).
+    """The recognizer of a bundle folder, or of a registered model name with freshly initialised (random)
+    weights, as given: no lookup of installed bundles and no warning. To turn a model reference into a
+    recognizer, use :func:`shitu.embed.resolve.resolve_model`, which calls this.
 
-    A path that exists (or contains a path separator) is read as a bundle; anything else is a model name.
+    What is a path is decided by :func:`shitu.embed.resolve.is_path_reference`.
     """
+    from shitu.embed.resolve import is_path_reference
     from shitu.plugins import get_host
 
-    path = Path(model)
-    if path.exists() or os.sep in str(model) or str(model).startswith("."):
+    if is_path_reference(model):
         from shitu.models.bundle import load_bundle
 
-        bundle = load_bundle(path, host=host)
+        bundle = load_bundle(Path(model), host=host)
         size = input_size or int(bundle.info.extra.get("input_size") or bundle.info.input_size)
         return Recognizer(
             bundle.spec,

@@ -179,6 +179,70 @@ def evaluate_dataset(
     return result
 
 
+@dataclass
+class ModelEvaluation:
+    """What :func:`evaluate_model` did: the result, the output folder, and the ``evaluate_result.json``
+    written there (None in a process other than process 0, which writes nothing)."""
+
+    result: EvalResult
+    output_dir: Path
+    written: Path | None
+
+
+def evaluate_model(
+    reference: str | os.PathLike[str],
+    *,
+    dataset: str | os.PathLike[str] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    batch_size: int | None = None,
+    topk: int | Iterable[int] = DEFAULT_TOPK,
+    mode: str = "exact",
+    per_class: bool = False,
+    confusion_pairs: int = 0,
+    examples: int = 0,
+    input_size: int | None = None,
+    overrides: Sequence[str] = (),
+    primary: bool = True,
+    progress: Progress | None = None,
+) -> ModelEvaluation:
+    """Evaluate the model ``reference`` (a bundle folder or a registered name, see
+    :func:`shitu.embed.resolve.resolve_model`) on a dataset and write ``evaluate_result.json``.
+
+    The model's config with ``overrides`` (``-o KEY=VALUE``) supplies what is not given: the dataset
+    (``Global.dataset_dir``), the output folder (``Global.output``), the batch size
+    (``Evaluate.batch_size``), PaddleX's block size (``Evaluate.sim_block_size``) and, when an override sets
+    it, the input size (``Train.input_size``). The dataset's lists are read before the model is loaded (a
+    bad line fails at once). ``examples``: draw that many queries with their matches to
+    ``OUTPUT/examples.png``. Only process 0 (``primary``) draws and writes.
+    """
+    from shitu.embed.resolve import model_config, resolve_model
+
+    config = model_config(reference, overrides)
+    dataset_dir = dataset if dataset is not None else config.get("Global.dataset_dir", None)
+    if dataset_dir is None:
+        raise ShituError("no dataset: give --dataset DIR (or -o Global.dataset_dir=DIR)")
+    read_eval_lists(Path(dataset_dir))  # a bad list line fails here, before the model is loaded
+    output_dir = Path(output if output is not None else config.get("Global.output", "output"))
+    size = input_size
+    if size is None and any(item.split("=", 1)[0].strip() == "Train.input_size" for item in overrides):
+        size = config.get("Train.input_size")  # set explicitly; else the model's (or bundle's) own
+    recognizer = resolve_model(reference, input_size=size)
+    result = evaluate_dataset(
+        recognizer,
+        Path(dataset_dir),
+        batch_size=batch_size or int(config.get("Evaluate.batch_size", 64)),
+        topk=topk,
+        mode=mode,
+        progress=progress,
+        examples=(output_dir / "examples.png", examples) if examples and primary else None,
+        sim_block_size=int(config.get("Evaluate.sim_block_size", 64)),
+        per_class=per_class,
+        confusion_pairs=confusion_pairs,
+    )
+    written = write_evaluate_result(output_dir, result.metrics, result.to_json()) if primary else None
+    return ModelEvaluation(result, output_dir, written)
+
+
 def evaluate_result_document(metrics: RetrievalMetrics, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """PaddleX's ``evaluate_result.json`` content: ``{"done_flag": true, "metrics": {recall1, recall5, mAP}}``;
     ``details`` (anything else) goes beside ``metrics``, never inside. A NaN metric is written as null."""

@@ -7,10 +7,11 @@ approximate search against exact search on a dataset's queries.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -64,14 +65,13 @@ def read_labelled_list(path: str | os.PathLike[str], *, default_split: str = "ga
 def load_recognizer_for(
     index: RetrievalIndex | None, model_dir: str | os.PathLike[str] | None, *, check: bool = True
 ) -> Any:
-    """The recognizer to embed with: ``model_dir`` when given, else the bundle (or model name, for random
-    weights) recorded in ``index``. Checked against the index (model, embedding size, input size)."""
-    from shitu.embed.recognizer import load_recognizer
-    from shitu.runtime import configure_jax
+    """The recognizer to embed with: ``model_dir`` when given, else the bundle (or model name) recorded in
+    ``index``, through :func:`shitu.embed.resolve.resolve_model`. Checked against the index (model,
+    embedding size, input size)."""
+    from shitu.embed.resolve import resolve_model
 
-    configure_jax()
     if model_dir is not None:
-        recognizer = load_recognizer(Path(model_dir).absolute())
+        recognizer = resolve_model(Path(model_dir).absolute())
     else:
         if index is None:
             raise ShituError("give --model-dir (the model bundle to embed with)")
@@ -85,14 +85,220 @@ def load_recognizer_for(
                     path=where,
                     hint="pass --model-dir",
                 )
-            recognizer = load_recognizer(bundle)
+            recognizer = resolve_model(bundle)
         elif recorded.get("model"):
-            recognizer = load_recognizer(str(recorded["model"]), input_size=recorded.get("input_size"))
+            recognizer = resolve_model(str(recorded["model"]), input_size=recorded.get("input_size"))
         else:
             raise ShituError("the index records no model", path=where, hint="pass --model-dir")
     if check and index is not None:
         index.check_recognizer(recognizer.describe())
     return recognizer
+
+
+#: ``report(severity, message)``: one problem line ("error" or "warning"), as ``Output.problem`` shows it.
+Report = Callable[[str, str], None]
+#: ``progress(stage, advance, total)``, as ``Output.progress`` gives (``total`` None when unknown).
+Progress = Callable[[str, int, Any], None]
+
+
+def _ignore(*_: Any) -> None:
+    return None
+
+
+@dataclass
+class GalleryBuild:
+    """What :func:`build_gallery_index` did: the index written (None in a process other than process 0,
+    which writes nothing), the images left out (one line each) and the seconds it took."""
+
+    index: RetrievalIndex | None
+    failures: list[str]
+    seconds: float
+
+
+def build_gallery_index(
+    gallery: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    model_dir: str | os.PathLike[str],
+    dtype: str = "f32",
+    batch_size: int = 32,
+    overwrite: bool = False,
+    primary: bool = True,
+    report: Report | None = None,
+    progress: Progress | None = None,
+) -> GalleryBuild:
+    """Embed the images of ``gallery`` (a ``<path> <label>`` list or a dataset folder) with the bundle
+    ``model_dir`` and write the index at ``output``.
+
+    In this order: the list is read (its warnings reported; any error is reported and then a ShituError,
+    nothing written); process 0 takes the index's lock (another writer makes this a ShituError at once) and
+    holds it to the end; an existing folder that may not be replaced is refused (before the model is
+    loaded); the images are embedded, split over the processes of a distributed job; unreadable ones are
+    reported (``report("error", line)``) and left out, and none embedded is a ShituError; process 0 writes
+    the index.
+    """
+    from contextlib import ExitStack
+
+    from shitu.index.core import build_index, check_replaceable, index_lock
+    from shitu.runtime.distributed import embed_sharded, shard_range
+
+    report = report or _ignore
+    listed = read_labelled_list(gallery, default_split="gallery")
+    for warning in listed.warnings:
+        report("warning", warning)
+    if listed.errors:
+        for error in listed.errors:
+            report("error", error)
+        raise ShituError(f"{len(listed.errors)} problems in the gallery list; nothing was written", path=listed.file)
+    target = Path(output)
+    with ExitStack() as held:
+        if primary:  # the writer holds the index's lock to the end: a second build is refused at once
+            held.enter_context(index_lock(target))
+        check_replaceable(target.absolute(), overwrite=overwrite)  # before the embedding, which takes a while
+        started = time.perf_counter()
+        recognizer = load_recognizer_for(None, model_dir)
+        here = len(shard_range(len(listed.paths)))
+        embedded = embed_sharded(
+            recognizer,
+            listed.paths,
+            batch_size=batch_size,
+            progress=lambda n: (progress or _ignore)("embedding", n, here),
+        )
+        failures = [f.message for f in embedded.failures]
+        for failure in failures:
+            report("error", failure)
+        if not embedded.indices:
+            raise ShituError("no gallery image could be embedded; nothing was written", path=listed.file)
+        if not primary:  # process 0 writes the index
+            return GalleryBuild(None, failures, time.perf_counter() - started)
+        index = build_index(
+            embedded.features,
+            [listed.labels[i] for i in embedded.indices],
+            [listed.paths[i] for i in embedded.indices],
+            output=target,
+            recognizer_info=recognizer.describe(),
+            dtype=dtype,
+            overwrite=overwrite,
+        )
+        return GalleryBuild(index, failures, time.perf_counter() - started)
+
+
+@dataclass
+class IndexAddition:
+    """What :func:`add_to_index` did: the index (saved when something was added), the items added
+    (``{"key", "label", "path"}``) and one line per input that could not be added."""
+
+    index: RetrievalIndex
+    added: list[dict[str, Any]]
+    failures: list[str]
+
+
+def add_to_index(
+    index_dir: str | os.PathLike[str],
+    *,
+    inputs: Sequence[str] | None = None,
+    label: int | None = None,
+    list_file: str | os.PathLike[str] | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    stdin: IO[str] | None = None,
+    report: Report | None = None,
+    progress: Progress | None = None,
+) -> IndexAddition:
+    """Embed more images and add them to the index at ``index_dir`` under new keys (rewritten as a unit).
+
+    The images are ``inputs`` (resolved by :func:`shitu.data.inputs.resolve`; URLs are refused, the index
+    stores paths), all with ``label``, or the ``<path> <label>`` lines of ``list_file``. Every input that
+    cannot be used is reported (``report("error", line)``; a skipped file ``report("warning", line)``) and
+    the others are still added. Embedded with ``model_dir`` or the model the index records.
+    """
+    from shitu.data.inputs import resolve
+    from shitu.index.core import open_index
+
+    report = report or _ignore
+    if (list_file is None) == (label is None) or (list_file is not None and inputs):
+        raise ShituError("give INPUT... with --label N, or --list FILE.txt alone")
+    index = open_index(index_dir)
+    problems: list[str] = []
+    if list_file is not None:
+        listed = read_labelled_list(list_file)
+        for warning in listed.warnings:
+            report("warning", warning)
+        problems += listed.errors
+        paths, labels = listed.paths, listed.labels
+    else:
+        resolved = resolve(inputs or [], stdin=stdin, urls=False)
+        for skipped in resolved.skipped:
+            report("warning", skipped)
+        problems += resolved.problems
+        paths = [str(Path(p).absolute()) for p in resolved.paths]
+        labels = [int(label)] * len(paths)  # type: ignore[arg-type]
+    for problem in problems:
+        report("error", problem)
+    recognizer = load_recognizer_for(index, model_dir)
+    embedded = recognizer.embed(
+        paths, batch_size=batch_size, progress=lambda n: (progress or _ignore)("embedding", n, len(paths))
+    )
+    failures = [f.message for f in embedded.failures]
+    for failure in failures:
+        report("error", failure)
+    known = {item.path for item in index.items}
+    for i in embedded.indices:
+        if paths[i] in known:
+            report("warning", f"{paths[i]} is already in the index; added again under a new key")
+    keys = index.add(embedded.features, [labels[i] for i in embedded.indices], [paths[i] for i in embedded.indices])
+    if keys:
+        index.save()
+    added = [{"key": key, "label": labels[i], "path": paths[i]} for key, i in zip(keys, embedded.indices, strict=True)]
+    return IndexAddition(index, added, problems + failures)
+
+
+@dataclass
+class SearchResult:
+    """The nearest gallery items of one input image, best first, and the label they vote for."""
+
+    input: str
+    label: int | None
+    score: float
+    hits: list[Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"input": self.input, "label": self.label, "score": self.score, "hits": [h.to_json() for h in self.hits]}
+
+
+def search_images(
+    index_dir: str | os.PathLike[str],
+    inputs: Sequence[str],
+    *,
+    k: int = 5,
+    exact: bool = False,
+    model_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    stdin: IO[str] | None = None,
+    report: Report | None = None,
+) -> Iterator[SearchResult]:
+    """Search the images of ``inputs`` (resolved by :func:`shitu.data.inputs.resolve`) in the index at
+    ``index_dir``, lazily, one result per readable image in input order. Inputs that resolve to nothing or
+    cannot be read are reported (``report("error", line)``; skipped files as warnings) and the others still
+    run. Embedded with ``model_dir`` or the model the index records."""
+    from shitu.data.inputs import resolve
+    from shitu.index.core import open_index
+
+    report = report or _ignore
+    index = open_index(index_dir)
+    resolved = resolve(inputs, stdin=stdin)
+    for skipped in resolved.skipped:
+        report("warning", skipped)
+    for problem in resolved.problems:
+        report("error", problem)
+    recognizer = load_recognizer_for(index, model_dir)
+    paths = resolved.paths
+    for indices, features, failures in recognizer.iter_batches(paths, batch_size=batch_size):
+        for failure in failures:
+            report("error", failure.message)
+        for position, hits in zip(indices, index.search(features, k, exact=exact), strict=True):
+            label, score = vote(hits)
+            yield SearchResult(paths[position], label, score, hits)
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Batches are padded up to a few bucket sizes so XLA compiles a handful of shapes, not one per batch size;
 larger inputs are cut into chunks of the largest bucket. The model runs in eval mode under ``jax.jit``
-(split into graph and state once, so there is no per-call NNX overhead), and JAX's persistent
-compilation cache is on, so a second process skips most compile time.
+(split into graph and state once, so there is no per-call NNX overhead). JAX's persistent compilation
+cache is the command line's to turn on (:func:`shitu.runtime.configure_jax`), not this library's.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ class Embedder:
         import jax
         from flax import nnx
 
-        from shitu.runtime import configure_jax
-
-        configure_jax()
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError("buckets must be positive batch sizes")
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))

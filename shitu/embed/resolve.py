@@ -1,0 +1,113 @@
+"""Turning a model reference into a recognizer (and its config), in one place for every command and the API.
+
+A model reference is one of:
+
+- a bundle folder (``shitu train`` / ``shitu import-weights`` make one): any path that exists, or that
+  contains a path separator or starts with '.';
+- a registered model name (``PP-ShiTuV2_rec``...): the bundle installed for it at
+  ``shitu.runtime.cache_dir()/models/NAME`` (:func:`installed_bundle`), else the network with random
+  weights and a :class:`RandomWeightsWarning` (see :func:`_without_installed_weights`).
+
+This module imports neither JAX nor numpy; the loaders are imported when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shitu.config import Config
+    from shitu.embed.recognizer import Recognizer
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model was built with random weights: its features are not meaningful for recognition."""
+
+
+def is_path_reference(reference: str | os.PathLike[str]) -> bool:
+    """Whether ``reference`` names a bundle folder rather than a registered model: a path object, a path
+    that exists, or text with a path separator or starting with '.'."""
+    if isinstance(reference, os.PathLike):
+        return True
+    return Path(reference).exists() or "/" in reference or os.sep in reference or reference.startswith(".")
+
+
+def installed_bundle(name: str) -> Path | None:
+    """The bundle installed for model ``name`` at ``shitu.runtime.cache_dir()/models/NAME``, if any: the one
+    place the cache of installed models is looked up."""
+    from shitu.models.bundle import INFO_FILE
+    from shitu.runtime import cache_dir
+
+    if not name or "/" in name or os.sep in name or name.startswith("."):
+        return None
+    folder = cache_dir() / "models" / name
+    return folder if (folder / INFO_FILE).is_file() else None
+
+
+def locate_model(reference: str | os.PathLike[str]) -> Path | str:
+    """The bundle folder ``reference`` stands for (given, or installed for a registered name), or the
+    registered name itself when no bundle is installed for it."""
+    if is_path_reference(reference):
+        return Path(reference)
+    name = os.fspath(reference)
+    return installed_bundle(name) or name
+
+
+def resolve_model(
+    reference: str | os.PathLike[str],
+    *,
+    input_size: int | None = None,
+    seed: int = 0,
+    num_classes: int | None = None,
+    host: Any | None = None,
+) -> Recognizer:
+    """The :class:`~shitu.embed.recognizer.Recognizer` of ``reference`` (a bundle folder or a registered
+    model name, see the module's docstring). ``input_size`` overrides the size images are resized to
+    (default: the bundle's, else the model's); ``seed`` and ``num_classes`` only matter for a name without
+    an installed bundle. A ShituError for a missing or damaged bundle and for an unknown name."""
+    from shitu.embed import recognizer
+
+    located = locate_model(reference)
+    if isinstance(located, Path):
+        return recognizer.load_recognizer(located, input_size=input_size, host=host)
+    return _without_installed_weights(located, input_size=input_size, seed=seed, num_classes=num_classes, host=host)
+
+
+def _without_installed_weights(
+    name: str, *, input_size: int | None, seed: int, num_classes: int | None, host: Any | None
+) -> Recognizer:
+    """A registered model that has no bundle installed: THE one place this case is handled.
+
+    Today: the network with random weights (``seed``) and a :class:`RandomWeightsWarning`. Installing the
+    published weights first (into ``installed_bundle``'s folder) and loading them belongs here.
+    """
+    from shitu.embed import recognizer
+    from shitu.runtime import cache_dir
+
+    loaded = recognizer.load_recognizer(name, input_size=input_size, seed=seed, num_classes=num_classes, host=host)
+    warnings.warn(
+        RandomWeightsWarning(
+            f"{name} has RANDOM weights (no bundle installed at {cache_dir() / 'models' / name}): its features "
+            "are meaningless for recognition; pass a bundle folder (shitu import-weights / shitu train make one)"
+        ),
+        stacklevel=3,
+    )
+    return loaded
+
+
+def model_config(reference: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+    """The config of ``reference`` with ``-o`` style ``overrides`` applied: the bundle's own config file
+    (or its model's config when it has none), or the registered model's config."""
+    from shitu.config import load_config
+    from shitu.models.bundle import CONFIG_FILE, read_bundle_info
+
+    located = locate_model(reference)
+    if not isinstance(located, Path):
+        return load_config(located, list(overrides))
+    if (located / CONFIG_FILE).is_file():
+        return load_config(located / CONFIG_FILE, list(overrides))
+    return load_config(read_bundle_info(located).model, list(overrides))
