@@ -42,6 +42,7 @@ SCHEMA: dict[str, type] = {
     "Train.batch_size": int,
     "Train.learning_rate": float,
     "Train.warmup_steps": int,
+    "Train.weight_decay": NONE,
     "Train.input_size": int,
     "Train.sample_per_id": int,
     "Train.pretrain_weight_path": NONE,
