@@ -271,7 +271,7 @@ def _registered_model_config(name: str) -> str | None:
     config is ``name`` itself)."""
     from shitu.plugins import get_host
 
-    spec = get_host().models.get(name)
+    spec = get_host().models.get(name.lower())  # the host keys models case-insensitively
     if spec is None or spec.config == name:
         return None
     return str(spec.config)
@@ -330,7 +330,11 @@ def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 def load_config(source: str | os.PathLike[str], overrides: Overrides = ()) -> Config:
-    """Load a config by shipped model name or YAML path, then apply ``overrides`` in order.
+    """Load a config by model name, packaged reference or YAML path, then apply ``overrides`` in order.
+
+    A model name is a shipped config's, or that of a model a plugin registered: its spec's ``config``
+    (a shipped name or ``"package.module:relative/path.yaml"``, read with importlib.resources), with
+    ``Global.model`` set to the name.
 
     ``overrides`` is a sequence of ``"Section.key=value"`` strings (the CLI's ``-o``; nested keys
     as ``Section.sub.key=value``) or a mapping ``{"Section.key": value}`` of Python values.  The
@@ -351,7 +355,11 @@ def load_config(source: str | os.PathLike[str], overrides: Overrides = ()) -> Co
     """
     display, text = _read_source(source)
     data = _parse_yaml(text, display)
-    return Config(data, source=display).with_overrides(overrides)
+    config = Config(data, source=display)
+    if isinstance(source, str) and display != source and config.get("Global.model", source) != source:
+        # A plugin model's config may be another model's file: loaded for this model, it names this one.
+        config = config.with_overrides({"Global.model": source})
+    return config.with_overrides(overrides)
 
 
 # --------------------------------------------------------------------------------------------
