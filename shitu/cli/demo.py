@@ -32,10 +32,12 @@ def demo_command(
     """
     from shitu.demo.run import BUDGETS, run_demo
     from shitu.errors import ShituError
+    from shitu.runtime import configure_jax
 
     out = Output(json)
     if budget not in BUDGETS:
         raise ShituError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    configure_jax()
     plan = BUDGETS[budget]
     out.info(
         f"[bold]shitu demo[/] · budget {plan.name}: PP-ShiTuV2_rec at {plan.input_size} px, {plan.epochs} epochs, "
