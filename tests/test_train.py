@@ -647,3 +647,28 @@ def test_a_model_without_a_recipe_is_refused_before_any_work(dataset, tmp_path, 
     assert done.code == 1 and done.stderr.count("\n") == 1, done.stderr
     assert f"model {TINY_MODEL} cannot be trained" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_settings_take_the_recipe_defaults_and_the_config_overrides(dataset, tmp_path):
+    from shitu.config import load_config
+    from shitu.train.settings import TrainSettings
+
+    def settings(model: str, **overrides):
+        config = load_config(model, overrides)
+        return TrainSettings.from_config(config, output=tmp_path / "run", dataset_dir=dataset)
+
+    rec = settings("PP-ShiTuV2_rec")
+    assert (rec.weight_decay, rec.sampler, rec.arch) == (1e-5, "pk", {})
+    assert settings("PP-ShiTuV2_rec_CLIP_vit_base").weight_decay == 2e-5
+    tuned = settings("PP-ShiTuV2_rec", **{"Train.weight_decay": 0.5, "Train.model_scale": 0.5})
+    assert (tuned.weight_decay, tuned.arch) == (0.5, {"scale": 0.5})
+    assert tuned.config.get("Global.dataset_dir") == str(dataset) and tuned.dataset_dir == dataset
+    for overrides, message in (
+        ({"Train.weight_decay": -1.0}, "Train.weight_decay"),
+        ({"Train.sampler": "random"}, "unknown sampler"),
+        ({"Train.epochs_iters": 0}, "Train.epochs_iters"),
+        ({"Train.model_scale": 5.0}, "Train.model_scale"),
+    ):
+        with pytest.raises(ShituError, match=message):
+            settings("PP-ShiTuV2_rec", **overrides)
+    assert not (tmp_path / "run").exists()
