@@ -43,19 +43,25 @@ def machine_line() -> str:
     )
 
 
+def _transform(recipe: str, size: int):
+    """The train transform of the "pplcnet" (PP-ShiTuV2_rec) or "clip" (CLIP ViT) recipe."""
+    from shitu.models import pplcnetv2_recipe, vit_recipe
+
+    return (pplcnetv2_recipe if recipe == "pplcnet" else vit_recipe).train_transform(size, MEAN, STD)
+
+
 def stage_rates(samples, recipe: str, size: int, count: int) -> dict:
     """Single-process images/s of decoding alone and of augment + normalise alone (decoded images reused)."""
     import numpy as np
 
     from shitu.data.transforms import read_image
-    from shitu.train.augment import make_train_transform
 
     paths = samples.paths[:count]
     read_image(paths[0])
     start = time.perf_counter()
     images = [read_image(p) for p in paths]
     decode = len(paths) / (time.perf_counter() - start)
-    transform = make_train_transform(recipe, size, MEAN, STD)
+    transform = _transform(recipe, size)
     transform(images[0], np.random.default_rng(0))
     start = time.perf_counter()
     for i, image in enumerate(images):
@@ -70,10 +76,8 @@ def loader_rate(samples, *, recipe: str, size: int, workers: int, batch: int, ba
     sampler = "pk" if recipe == "pplcnet" else "shuffle"
     with TrainLoader(
         samples,
-        recipe=recipe,
+        transform=_transform(recipe, size),
         input_size=size,
-        mean=MEAN,
-        std=STD,
         batch_size=batch,
         sampler=sampler,
         drop_last=sampler == "shuffle",

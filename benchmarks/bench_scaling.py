@@ -38,10 +38,10 @@ def measure(devices: int, per_device_batch: int, size: int, scale: float, steps:
     import jax
     import numpy as np
 
+    from shitu.models.spec import resolve
     from shitu.plugins import get_host
     from shitu.runtime import configure_jax
-    from shitu.train.losses import recognition_loss
-    from shitu.train.optim import make_optimizer
+    from shitu.train.optim import make_optimizer, parameter_groups
     from shitu.train.step import TrainStep
 
     configure_jax()
@@ -52,11 +52,16 @@ def measure(devices: int, per_device_batch: int, size: int, scale: float, steps:
     spec = get_host().model("PP-ShiTuV2_rec")
     model = spec.build(classes, scale=scale)
     tx, schedule = make_optimizer(
-        model, recipe="pplcnet", learning_rate=0.01, epochs=1, warmup_epochs=0, steps_per_epoch=steps + 1
+        model,
+        learning_rate=0.01,
+        epochs=1,
+        warmup_epochs=0,
+        steps_per_epoch=steps + 1,
+        weight_decay=spec.recipe.weight_decay,
+        groups=parameter_groups(model, spec.recipe),
     )
-    step = TrainStep(
-        model, loss_fn=partial(recognition_loss, "pplcnet"), tx=tx, schedule=schedule, devices=chosen, seed=0
-    )
+    loss = partial(resolve(spec.recipe.loss), train=True)
+    step = TrainStep(model, loss_fn=loss, tx=tx, schedule=schedule, devices=chosen, seed=0)
     state = step.initial_state(model)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((batch, size, size, 3)).astype(np.float32)

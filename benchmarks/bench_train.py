@@ -4,7 +4,7 @@ Both sides train the full-width PP-ShiTuV2_rec (PPLCNetV2_base_ShiTu + BNNeck + 
 PP-ShiTuV2 recipe: CE (label smoothing 0.1) + TripletAngularMarginLoss, Momentum 0.9 with L2 weight decay. Batches
 are synthetic (random images, PK labels: batch/4 identities × 4 images), so only the training step is timed.
 
-- shitu: :class:`shitu.train.step.TrainStep` with ``recognition_loss`` and ``make_optimizer`` — exactly what
+- shitu: :class:`shitu.train.step.TrainStep` with PP-ShiTuV2_rec's recipe loss and ``make_optimizer`` — exactly what
   ``shitu train`` runs; compile time is measured apart, then one warm-up step;
 - Paddle: ``benchmarks/_paddle_train.py --serve`` in ``.venv-paddle`` (PaddleClas' RecModel, dygraph,
   OMP_NUM_THREADS=2), one warm-up step.
@@ -50,21 +50,28 @@ class JaxSide:
         import numpy as np
         from flax import nnx
 
+        from shitu.models import pplcnetv2_recipe
         from shitu.models.pplcnetv2 import build_pp_shituv2_rec
         from shitu.runtime import configure_jax
-        from shitu.train.losses import recognition_loss
-        from shitu.train.optim import make_optimizer
+        from shitu.train.devices import select_devices
+        from shitu.train.optim import make_optimizer, parameter_groups
         from shitu.train.step import TrainStep
-        from shitu.train.trainer import select_devices
 
         configure_jax()
         model = build_pp_shituv2_rec(NUM_CLASSES, rngs=nnx.Rngs(0))
+        recipe = pplcnetv2_recipe.RECIPE
         tx, schedule = make_optimizer(
-            model, recipe="pplcnet", learning_rate=0.01, epochs=10, warmup_epochs=1, steps_per_epoch=100
+            model,
+            learning_rate=0.01,
+            epochs=10,
+            warmup_epochs=1,
+            steps_per_epoch=100,
+            weight_decay=recipe.weight_decay,
+            groups=parameter_groups(model, recipe),
         )
         self.owner = TrainStep(
             model,
-            loss_fn=partial(recognition_loss, "pplcnet"),
+            loss_fn=partial(pplcnetv2_recipe.loss, train=True),
             tx=tx,
             schedule=schedule,
             devices=select_devices(device)[:1],

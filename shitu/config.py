@@ -244,12 +244,57 @@ def _parse_yaml(text: str, path: str) -> dict[str, Any]:
         raise ShituError("invalid config: data nested too deeply or refers to itself", path=path) from None
 
 
+#: ``"package.module:relative/path.yaml"``: a config shipped inside a plugin package.
+_PACKAGED_RE = re.compile(r"[A-Za-z_][\w.]*:[^:\\]+\.ya?ml")
+
+
+def _read_packaged(reference: str) -> str:
+    """The text of ``"package.module:relative/path.yaml"``, a file beside that module (importlib.resources;
+    a module that is not a package resolves to the package that holds it)."""
+    from importlib import import_module
+
+    name, _, relative = reference.partition(":")
+    try:
+        module = import_module(name)
+    except Exception as exc:  # a plugin's import may fail in any way
+        raise ShituError(f"config {reference!r}: cannot import {name}: {exc}") from None
+    package = name if hasattr(module, "__path__") else (module.__package__ or name)
+    try:
+        entry = resources.files(package).joinpath(*relative.split("/"))
+        return entry.read_text(encoding="utf-8")
+    except (OSError, TypeError, UnicodeDecodeError) as exc:
+        raise ShituError(f"config {reference!r} cannot be read: {exc}") from None
+
+
+def _registered_model_config(name: str) -> str | None:
+    """The config reference of a model a plugin registered under ``name`` (None: no such model, or its
+    config is ``name`` itself)."""
+    from shitu.plugins import get_host
+
+    spec = get_host().models.get(name.lower())  # the host keys models case-insensitively
+    if spec is None or spec.config == name:
+        return None
+    return str(spec.config)
+
+
 def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
-    """Resolve ``source`` (model name or YAML path) to ``(display source, YAML text)``."""
+    """Resolve ``source`` (model name, packaged config reference or YAML path) to ``(display source, YAML
+    text)``. A model name is a built-in config's, or that of a model a plugin registered (its spec's config)."""
     names = available_configs()
     if isinstance(source, str) and source in names:
         entry = _config_dir() / f"{source}.yaml"
         return source, entry.read_text(encoding="utf-8")
+    if isinstance(source, str) and _PACKAGED_RE.fullmatch(source) and not Path(source).exists():
+        return source, _read_packaged(source)
+    if isinstance(source, str) and source and "/" not in source and not source.endswith(_YAML_SUFFIXES):
+        reference = _registered_model_config(source)
+        if reference is not None:
+            if reference not in names and not _PACKAGED_RE.fullmatch(reference):
+                raise ShituError(
+                    f"model {source!r} names the config {reference!r}, neither a built-in config nor "
+                    "'package.module:relative/path.yaml'"
+                )
+            return _read_source(reference)
     if not isinstance(source, (str, os.PathLike)):
         raise ShituError(f"config source must be a model name or a YAML path, got {_type_name_of(source)}")
     text_source = os.fspath(source)
@@ -285,7 +330,11 @@ def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 def load_config(source: str | os.PathLike[str], overrides: Overrides = ()) -> Config:
-    """Load a config by shipped model name or YAML path, then apply ``overrides`` in order.
+    """Load a config by model name, packaged reference or YAML path, then apply ``overrides`` in order.
+
+    A model name is a shipped config's, or that of a model a plugin registered: its spec's ``config``
+    (a shipped name or ``"package.module:relative/path.yaml"``, read with importlib.resources), with
+    ``Global.model`` set to the name.
 
     ``overrides`` is a sequence of ``"Section.key=value"`` strings (the CLI's ``-o``; nested keys
     as ``Section.sub.key=value``) or a mapping ``{"Section.key": value}`` of Python values.  The
@@ -306,7 +355,11 @@ def load_config(source: str | os.PathLike[str], overrides: Overrides = ()) -> Co
     """
     display, text = _read_source(source)
     data = _parse_yaml(text, display)
-    return Config(data, source=display).with_overrides(overrides)
+    config = Config(data, source=display)
+    if isinstance(source, str) and display != source and config.get("Global.model", source) != source:
+        # A plugin model's config may be another model's file: loaded for this model, it names this one.
+        config = config.with_overrides({"Global.model": source})
+    return config.with_overrides(overrides)
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ SCHEMA: dict[str, type] = {
     "Train.batch_size": int,
     "Train.learning_rate": float,
     "Train.warmup_steps": int,
+    "Train.weight_decay": NONE,
     "Train.input_size": int,
     "Train.sample_per_id": int,
     "Train.pretrain_weight_path": NONE,
@@ -634,3 +635,20 @@ def test_arbitrary_python_values_raise_only_shitu_error(key: str, value: Any) ->
             cfg.with_overrides({key: value})
         except ShituError as exc:
             assert str(exc)
+
+
+def test_a_config_shipped_in_a_plugin_package(tmp_path: Path, monkeypatch) -> None:
+    package = tmp_path / "shipped_pkg"
+    (package / "configs").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model.py").write_text("")
+    (package / "configs" / "tiny.yaml").write_text("Global:\n  model: Tiny\nTrain:\n  batch_size: 8\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_config("shipped_pkg:configs/tiny.yaml", ["Train.batch_size=4"])
+    assert (config.get("Global.model"), config.get("Train.batch_size")) == ("Tiny", 4)
+    beside_a_module = load_config("shipped_pkg.model:configs/tiny.yaml")  # resolved in the module's package
+    assert beside_a_module.get("Train.batch_size") == 8
+    with pytest.raises(ShituError, match="cannot be read"):
+        load_config("shipped_pkg:configs/missing.yaml")
+    with pytest.raises(ShituError, match="cannot import no_such_pkg"):
+        load_config("no_such_pkg:configs/tiny.yaml")

@@ -14,21 +14,18 @@ import pytest
 from flax import nnx
 from paddle_support import PADDLE_PYTHON, require_paddleclas
 
+from shitu.models import pplcnetv2_recipe, vit_recipe
 from shitu.models.heads import ArcMargin
-from shitu.train.losses import (
-    clip_loss,
-    cross_entropy,
-    pplcnet_loss,
-    recipe_for,
-    recognition_loss,
-    triplet_angular_margin_loss,
-)
+from shitu.train.losses import cross_entropy, triplet_angular_margin_loss
+
+pplcnet_loss = pplcnetv2_recipe.loss
+clip_loss = vit_recipe.loss
 
 # Jitted once per shape: cheaper here than eager mode, which compiles every primitive separately.
 jit_cross_entropy = jax.jit(cross_entropy, static_argnames=("epsilon",))
 jit_triplet = jax.jit(triplet_angular_margin_loss, static_argnames=("normalize_feature",))
 triplet_value_and_grad = jax.jit(jax.value_and_grad(triplet_angular_margin_loss))
-jit_loss = nnx.jit(recognition_loss, static_argnums=(0,), static_argnames=("train",))
+jit_clip_loss = nnx.jit(clip_loss, static_argnames=("train",))
 
 
 # ------------------------------------------------------------------------------------------- numpy references
@@ -274,7 +271,7 @@ class Recording(nnx.Module):
         return self.inner.logits(features, labels)
 
 
-def test_recognition_loss_recipes_on_a_stand_in_model():
+def test_recipe_losses_on_a_stand_in_model():
     rng = np.random.default_rng(0)
     images = rng.standard_normal((8, 4, 4, 3)).astype(np.float32)
     labels = pk_labels(rng, 2, 4, num_classes=6)
@@ -284,12 +281,12 @@ def test_recognition_loss_recipes_on_a_stand_in_model():
     @nnx.jit
     def run(fc, arc, images, labels):  # one compile for every call
         return {
-            "pplcnet": recognition_loss("pplcnet", fc, images, labels),
-            "pplcnet_wrapper": pplcnet_loss(fc, images, labels),
-            "pplcnet_eval": recognition_loss("pplcnet", fc, images, labels, train=False),
-            "clip": recognition_loss("clip", arc, images, labels),
-            "clip_wrapper": clip_loss(arc, images, labels),
-            "clip_grads": nnx.grad(lambda m: recognition_loss("clip", m, images, labels)[0])(arc),
+            "pplcnet": pplcnet_loss(fc, images, labels, train=True),
+            "pplcnet_default": pplcnet_loss(fc, images, labels),
+            "pplcnet_eval": pplcnet_loss(fc, images, labels, train=False),
+            "clip": clip_loss(arc, images, labels, train=True),
+            "clip_default": clip_loss(arc, images, labels),
+            "clip_grads": nnx.grad(lambda m: clip_loss(m, images, labels, train=True)[0])(arc),
         }
 
     out = run(fc, arc, images, labels)
@@ -301,7 +298,7 @@ def test_recognition_loss_recipes_on_a_stand_in_model():
     assert float(terms["TripletAngularMarginLoss"]) == pytest.approx(np_triplet(features, labels), rel=1e-5)
     assert float(total) == float(terms["loss"])
     assert float(total) == pytest.approx(float(terms["CELoss"]) + float(terms["TripletAngularMarginLoss"]), rel=1e-7)
-    assert float(out["pplcnet_wrapper"][0]) == float(total)
+    assert float(out["pplcnet_default"][0]) == float(total)
     # train=False: PaddleClas' Eval loss, CE without smoothing.
     eval_total, eval_terms = out["pplcnet_eval"]
     assert set(eval_terms) == {"loss", "CELoss"}
@@ -313,18 +310,18 @@ def test_recognition_loss_recipes_on_a_stand_in_model():
     assert set(terms) == {"loss", "CELoss"} and float(total) == float(terms["CELoss"])
     expected = np_cross_entropy(np_arcmargin_logits(features, weight, labels, 0.2, 30.0), labels, None)
     assert float(total) == pytest.approx(expected, rel=1e-5)
-    assert float(out["clip_wrapper"][0]) == float(total)
+    assert float(out["clip_default"][0]) == float(total)
     # Gradients flow to every parameter through the loss.
     assert float(np.abs(np.asarray(out["clip_grads"].proj.kernel[...])).max()) > 0
     assert float(np.abs(np.asarray(out["clip_grads"].head.weight[...])).max()) > 0
     # In eval mode the head gives unscaled cosines, and the Eval loss is CE on them.
     arc.eval()
     expected = np_cross_entropy(np_arcmargin_logits(features, weight, labels, 0.0, 1.0), labels, None)
-    assert float(jit_loss("clip", arc, images, labels, train=False)[0]) == pytest.approx(expected, rel=1e-5)
+    assert float(jit_clip_loss(arc, images, labels, train=False)[0]) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.slow  # the stand-in test covers the wiring; the trainer's tests run the real models
-def test_recognition_loss_on_pplcnet():
+def test_pplcnetv2_recipe_loss_on_the_model():
     from shitu.models.pplcnetv2 import build_pp_shituv2_rec
 
     model = build_pp_shituv2_rec(5, rngs=nnx.Rngs(0), scale=0.25, dropout_prob=0.0)
@@ -334,7 +331,7 @@ def test_recognition_loss_on_pplcnet():
     images = jnp.asarray(rng.standard_normal((8, 16, 16, 3)), jnp.float32)
     labels = np.array([0, 0, 0, 0, 3, 3, 3, 3])
     # One compile (eager dispatch of the whole network is slow on a small CPU).
-    total, terms = nnx.jit(lambda m, x, y: recognition_loss("pplcnet", m, x, y))(recording, images, labels)
+    total, terms = nnx.jit(lambda m, x, y: pplcnet_loss(m, x, y))(recording, images, labels)
     features = np.asarray(recording.features[...])
     logits = features.astype(np.float64) @ np.asarray(model.head.fc.kernel[...], np.float64)
     assert float(terms["CELoss"]) == pytest.approx(np_cross_entropy(logits, labels, 0.1), rel=1e-5)
@@ -343,7 +340,7 @@ def test_recognition_loss_on_pplcnet():
 
 
 @pytest.mark.slow  # the stand-in test covers the clip recipe with the real ArcMargin head
-def test_recognition_loss_on_clip_vit():
+def test_vit_recipe_loss_on_the_model():
     from shitu.models.vit import build_clip_vit
 
     model = build_clip_vit(
@@ -364,23 +361,24 @@ def test_recognition_loss_on_clip_vit():
     images = jnp.asarray(rng.standard_normal((6, 16, 16, 3)), jnp.float32)
     labels = np.array([4, 1, 1, 0, 2, 4])
 
-    total, terms = nnx.jit(lambda m, x, y: recognition_loss("clip", m, x, y))(recording, images, labels)
+    total, terms = nnx.jit(lambda m, x, y: clip_loss(m, x, y))(recording, images, labels)
     features = recording.features[...]
     assert set(terms) == {"loss", "CELoss"}
     logits = np_arcmargin_logits(np.asarray(features), np.asarray(model.head.weight[...]), labels, 0.2, 30.0)
     assert float(total) == pytest.approx(np_cross_entropy(logits, labels, None), rel=1e-5)
 
 
-def test_recipe_for_specs_and_names():
+def test_builtin_specs_carry_their_recipes():
     from shitu.builtin.models import CLIP_VIT_BASE, CLIP_VIT_LARGE, PP_SHITUV2_REC
     from shitu.models.spec import resolve
 
-    assert recipe_for(PP_SHITUV2_REC) == "pplcnet"
-    assert recipe_for(CLIP_VIT_BASE) == recipe_for(CLIP_VIT_LARGE) == "clip"
-    assert resolve(PP_SHITUV2_REC.loss) is pplcnet_loss
-    assert resolve(CLIP_VIT_LARGE.loss) is clip_loss
-    assert recipe_for("pplcnet") == "pplcnet" and recipe_for("clip") == "clip"
-    assert recipe_for("PP-ShiTuV2_rec_CLIP_vit_base") == "clip" and recipe_for("PP-ShiTuV2_rec") == "pplcnet"
+    assert PP_SHITUV2_REC.recipe is pplcnetv2_recipe.RECIPE
+    assert CLIP_VIT_BASE.recipe is CLIP_VIT_LARGE.recipe is vit_recipe.RECIPE
+    assert resolve(PP_SHITUV2_REC.recipe.loss) is pplcnet_loss
+    assert resolve(CLIP_VIT_LARGE.recipe.loss) is clip_loss
+    assert (PP_SHITUV2_REC.recipe.sampler, PP_SHITUV2_REC.recipe.weight_decay) == ("pk", 1e-5)
+    assert (CLIP_VIT_BASE.recipe.sampler, CLIP_VIT_BASE.recipe.weight_decay) == ("shuffle", 2e-5)
+    assert CLIP_VIT_BASE.recipe.parameter_groups is None
 
 
 # ------------------------------------------------------------------------------------------ PaddleClas itself

@@ -16,7 +16,15 @@ from flax import nnx
 from paddle_support import PADDLE_PYTHON, require_paddleclas
 
 from shitu.errors import ShituError
+from shitu.models.pplcnetv2_recipe import RECIPE as PPLCNET
+from shitu.models.spec import TrainingRecipe
+from shitu.models.vit_recipe import RECIPE as VIT
 from shitu.train.optim import lr_schedule, make_optimizer, parameter_groups, warmup_and_decay_steps
+
+
+def pplcnet_optimizer(model, weight_decay=PPLCNET.weight_decay, **schedule):
+    """The optimizer the trainer makes for PP-ShiTuV2_rec: its recipe's groups and coefficient."""
+    return make_optimizer(model, groups=parameter_groups(model, PPLCNET), weight_decay=weight_decay, **schedule)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +107,7 @@ def test_schedule_rejects_bad_settings():
 def test_pplcnet_masks_name_the_convbn_batchnorms_and_the_bnneck_bias(small_model):
     from shitu.models.layers import ConvBN
 
-    groups = parameter_groups(small_model, "pplcnet")
+    groups = parameter_groups(small_model, PPLCNET)
     params = set(groups.all_params)
     no_decay_expected = {
         ("backbone", "stem", 0, "bn", "scale"),
@@ -139,14 +147,14 @@ def test_deploy_form_decays_the_fused_depthwise_conv():
     from shitu.models.pplcnetv2 import build_pp_shituv2_rec
 
     deploy = nnx.eval_shape(lambda: build_pp_shituv2_rec(5, rngs=nnx.Rngs(0), scale=0.25, deploy=True))
-    groups = parameter_groups(deploy, "pplcnet")
+    groups = parameter_groups(deploy, PPLCNET)
     fused = ("backbone", "stages", 2, 0, "dw_conv", "bias")
     assert fused in groups.all_params and fused not in groups.no_decay
     assert not any("dw_conv_list" in map(str, p) for p in groups.all_params)
     assert groups.frozen == {("neck", "feat_bn", "bias")}
 
 
-def test_clip_recipe_decays_everything_and_freezes_nothing():
+def test_vit_recipe_decays_everything_and_freezes_nothing():
     from shitu.models.vit import build_clip_vit
 
     model = nnx.eval_shape(
@@ -154,11 +162,35 @@ def test_clip_recipe_decays_everything_and_freezes_nothing():
             3, rngs=nnx.Rngs(0), embed_dim=8, depth=1, num_heads=2, patch_size=8, img_size=16, remove_cls_token=True
         )
     )
-    groups = parameter_groups(model, "clip")
+    groups = parameter_groups(model, VIT)
     assert not groups.no_decay and not groups.frozen
     assert ("backbone", "pos_embed") in groups.all_params and ("head", "weight") in groups.all_params
-    with pytest.raises(ShituError, match="recipe"):
-        parameter_groups(model, "adamw")
+    assert parameter_groups(model) == groups
+
+
+def name_a_missing_parameter(model):
+    return {("head", "fc", "kernel")}, set()
+
+
+def name_paths_as_text(model):
+    return {("backbone", "stem", "0", "bn", "scale")}, {("neck", "feat_bn", "bias")}
+
+
+def test_recipe_groups_are_checked_and_matched_whatever_the_index_type(small_model):
+    from shitu.models.vit import build_clip_vit
+
+    vit_model = nnx.eval_shape(
+        lambda: build_clip_vit(
+            3, rngs=nnx.Rngs(0), embed_dim=8, depth=1, num_heads=2, patch_size=8, img_size=16, remove_cls_token=True
+        )
+    )
+    missing = TrainingRecipe(loss="x:y", train_transform="x:y", parameter_groups=f"{__name__}:name_a_missing_parameter")
+    with pytest.raises(ShituError, match=r"name_a_missing_parameter names a no-decay parameter 'head\.fc\.kernel'"):
+        parameter_groups(vit_model, missing)
+    textual = TrainingRecipe(loss="x:y", train_transform="x:y", parameter_groups=f"{__name__}:name_paths_as_text")
+    groups = parameter_groups(small_model, textual)
+    assert groups.no_decay == {("backbone", "stem", 0, "bn", "scale")}  # the model's own path, int index
+    assert groups.frozen == {("neck", "feat_bn", "bias")}
 
 
 # ------------------------------------------------------------------------------------------------------ updates
@@ -186,8 +218,8 @@ def test_functional_updates_equal_numpy_momentum_with_l2():
     _, params, _ = nnx.split(model, nnx.Param, ...)
     # Non-trivial values for the BNNeck bias (init 0), so a wrong decay or update would show.
     params["neck"]["feat_bn"]["bias"][...] = jnp.linspace(-1, 1, 6)
-    tx, schedule = make_optimizer(
-        model, recipe="pplcnet", learning_rate=0.1, epochs=2, warmup_epochs=1, steps_per_epoch=2, weight_decay=0.01
+    tx, schedule = pplcnet_optimizer(
+        model, learning_rate=0.1, epochs=2, warmup_epochs=1, steps_per_epoch=2, weight_decay=0.01
     )
     rng = np.random.default_rng(0)
     start = flat(params)
@@ -202,7 +234,7 @@ def test_functional_updates_equal_numpy_momentum_with_l2():
         updates, state = update(grad_tree, state, params)
         params = jax.tree.map(lambda p, u: p + u, params, updates)
         assert float(schedule(step)) == pytest.approx([0.0, 0.05, 0.1][step], rel=1e-6)
-    groups = parameter_groups(model, "pplcnet")
+    groups = parameter_groups(model, PPLCNET)
     assert groups.no_decay == {("backbone", "stem", 0, "bn", "scale"), ("backbone", "stem", 0, "bn", "bias")}
     assert groups.frozen == {("neck", "feat_bn", "bias")} and len(groups.all_params) == 6
     expected = numpy_momentum_l2(start, grads_per_step, [0.0, 0.05, 0.1], 0.01, groups.no_decay, groups.frozen)
@@ -221,7 +253,7 @@ def test_functional_updates_equal_numpy_momentum_with_l2():
 def test_nnx_optimizer_form_freezes_the_bnneck_bias():
     model = Mini(nnx.Rngs(1))
     model.neck.feat_bn.bias[...] = jnp.full((6,), 0.25)
-    tx, _ = make_optimizer(model, recipe="pplcnet", learning_rate=0.5, epochs=1, warmup_epochs=0, steps_per_epoch=4)
+    tx, _ = pplcnet_optimizer(model, learning_rate=0.5, epochs=1, warmup_epochs=0, steps_per_epoch=4)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
     scale_before = np.asarray(model.neck.feat_bn.scale[...]).copy()
@@ -238,18 +270,16 @@ def test_nnx_optimizer_form_freezes_the_bnneck_bias():
 
 
 def test_masks_refuse_a_tree_without_the_models_paths(small_model):
-    tx, _ = make_optimizer(
-        small_model, recipe="pplcnet", learning_rate=0.1, epochs=1, warmup_epochs=0, steps_per_epoch=1
-    )
+    tx, _ = pplcnet_optimizer(small_model, learning_rate=0.1, epochs=1, warmup_epochs=0, steps_per_epoch=1)
     with pytest.raises(ShituError, match="not in the parameter tree"):
         tx.init({"x": jnp.zeros(3)})
 
 
 def test_zero_weight_decay_is_plain_momentum(small_model):
     tx, _ = make_optimizer(
-        small_model, recipe="clip", learning_rate=1.0, epochs=1, warmup_epochs=0, steps_per_epoch=10, weight_decay=0.0
+        small_model, learning_rate=1.0, epochs=1, warmup_epochs=0, steps_per_epoch=10, weight_decay=0.0
     )
-    params = {"w": jnp.asarray([1.0, -2.0])}  # a clip-recipe model has no masks: any tree works
+    params = {"w": jnp.asarray([1.0, -2.0])}  # no groups, no masks: any tree works
     state = tx.init(params)
     updates, state = tx.update({"w": jnp.asarray([0.5, 0.5])}, state, params)
     np.testing.assert_allclose(np.asarray(updates["w"]), [-0.5, -0.5])  # lr(0) = 1.0, no decay term
@@ -358,9 +388,8 @@ def test_schedule_and_update_match_paddleclas_itself(tmp_path):
         np.testing.assert_allclose(ours, theirs, rtol=2e-6, atol=base * 1e-7)
 
     base, epochs, warmup, steps_per_epoch = train_config
-    tx, _ = make_optimizer(
+    tx, _ = pplcnet_optimizer(
         model,
-        recipe="pplcnet",
         learning_rate=base,
         epochs=epochs,
         warmup_epochs=warmup,

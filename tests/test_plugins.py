@@ -530,3 +530,24 @@ def test_a_third_party_detector_is_asked_before_the_builtins(tmp_path):
     result = run_shitu(site, "convert", str(dataset))
     assert result.returncode == 1
     assert "label.txt is missing" in result.stderr  # the greedy plugin's answer won: LabelMe was tried
+
+
+def test_a_model_spec_with_a_bad_recipe_is_refused():
+    from shitu.models.spec import ModelSpec, TrainingRecipe
+
+    class Models:
+        @hookimpl
+        def register_models(self, register):
+            register(ModelSpec(name="NoRecipe", description="", builder="m:f", config="c"))
+            register(ModelSpec(name="BadRecipe", description="", builder="m:f", config="c", recipe="m:loss"))
+            odd = TrainingRecipe(loss="m:l", train_transform="m:t", sampler="random")
+            register(ModelSpec(name="OddSampler", description="", builder="m:f", config="c", recipe=odd))
+
+    info = fresh_host(("models", Models())).plugins["models"]
+    assert info.models == ["NoRecipe"]
+    assert info.errors == [
+        "register_models registered 'BadRecipe', which has a recipe that is not a shitu.models.TrainingRecipe "
+        "(or None)",
+        "register_models registered 'OddSampler', which has a recipe whose sampler 'random' is neither 'pk' nor "
+        "'shuffle'",
+    ]

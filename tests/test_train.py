@@ -2,8 +2,8 @@
 
 Small on purpose: PP-ShiTuV2_rec at width scale 0.25, 32 px inputs, batches of 8 (K=4 → 2 identities), a demo
 subset of 4 classes × 4 training images (2 iterations per epoch), gallery/query of the same 4 classes. The first
-compile of the training step is slow (~1 min on 2 cores) but lands in the persistent compilation cache, so later
-runs (and the other tests, same shapes) skip it.
+compile of the training step is slow (~1 min on 2 cores) but lands in the persistent compilation cache (configured
+here as the CLI configures it), and the runs of this module share their compiled steps (:data:`COMPILED`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shitu import hookimpl
 from shitu.data.demo import demo_dataset_path
 from shitu.errors import ShituError
+from shitu.train.compiled import CompiledSteps
+
+#: Compiled steps shared by the runs of this module (identical shapes: a later run skips compiling).
+COMPILED = CompiledSteps()
 
 CLASSES = (0, 1, 2, 3)
 TRAIN_PER_CLASS = 4
@@ -92,6 +97,9 @@ def _assert_same_history(history: list[dict], reference: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
+    from shitu.runtime import configure_jax
+
+    configure_jax()  # the persistent compilation cache, as the CLI has it
     return _subset(tmp_path_factory.mktemp("train") / "grocery4")
 
 
@@ -102,7 +110,9 @@ def straight(dataset, tmp_path_factory):
 
     events: list[tuple[str, dict]] = []
     output = tmp_path_factory.mktemp("straight") / "run"
-    result = train(_config(), dataset_dir=dataset, output=output, on_event=lambda k, d: events.append((k, d)))
+    result = train(
+        _config(), dataset_dir=dataset, output=output, on_event=lambda k, d: events.append((k, d)), compiled=COMPILED
+    )
     return result, events
 
 
@@ -180,17 +190,17 @@ def test_stop_and_resume_equals_straight(straight, dataset, tmp_path):
             os.kill(os.getpid(), signal.SIGINT)  # handled by the trainer: stop after this step
 
     with pytest.raises(TrainingInterrupted) as stopped:
-        train(_config(), dataset_dir=dataset, output=output, on_event=press_ctrl_c)
+        train(_config(), dataset_dir=dataset, output=output, on_event=press_ctrl_c, compiled=COMPILED)
     assert (stopped.value.epoch, stopped.value.step) == (2, 1)
     assert (output / "checkpoints" / "3").is_dir()
     assert json.loads((output / "train_result.json").read_text())["done_flag"] is False
-    resumed = train(None, output=output, resume=True)
+    resumed = train(None, output=output, resume=True, compiled=COMPILED)
     assert _max_diff(_bundle_params(resumed.latest_model), _bundle_params(reference.latest_model)) <= 1e-6
     _assert_same_history(resumed.history, reference.history)
     assert resumed.best == pytest.approx(reference.best, rel=1e-6)
     assert "Resume training" in (output / "train.log").read_text()
     with pytest.raises(ShituError, match="complete"):
-        train(None, output=output, resume=True)
+        train(None, output=output, resume=True, compiled=COMPILED)
 
 
 @pytest.mark.slow
@@ -233,17 +243,17 @@ from functools import partial
 import jax, numpy as np
 from flax import nnx
 from shitu.models.vit import build_clip_vit
+from shitu.models import pplcnetv2_recipe
 from shitu.runtime import configure_jax
-from shitu.train.losses import recognition_loss
 from shitu.train.optim import make_optimizer
 from shitu.train.step import TrainStep
 
 def run(devices):
     model = build_clip_vit(4, rngs=nnx.Rngs(0), embed_dim=32, depth=1, num_heads=2, patch_size=8, img_size=32,
                            remove_cls_token=True)
-    tx, schedule = make_optimizer(model, recipe="pplcnet", learning_rate=0.05, epochs=2, warmup_epochs=0,
-                                  steps_per_epoch=2)
-    owner = TrainStep(model, loss_fn=partial(recognition_loss, "pplcnet"), tx=tx, schedule=schedule,
+    tx, schedule = make_optimizer(model, learning_rate=0.05, epochs=2, warmup_epochs=0, steps_per_epoch=2,
+                                  weight_decay=pplcnetv2_recipe.WEIGHT_DECAY)
+    owner = TrainStep(model, loss_fn=partial(pplcnetv2_recipe.loss, train=True), tx=tx, schedule=schedule,
                       devices=devices, seed=0)
     state = owner.initial_state(model)
     rng = np.random.default_rng(0)
@@ -408,7 +418,15 @@ def test_overwrite_replaces_the_old_run_only_once_the_new_one_has_a_checkpoint(s
             seen.append(sorted(p.name for p in output.iterdir() if p.name.startswith(".previous-run.")))
 
     with pytest.raises(TrainingInterrupted):
-        train(_config(), dataset_dir=dataset, output=output, overwrite=True, max_steps=1, on_event=watch)
+        train(
+            _config(),
+            dataset_dir=dataset,
+            output=output,
+            overwrite=True,
+            max_steps=1,
+            on_event=watch,
+            compiled=COMPILED,
+        )
     assert len(seen) == 1 and len(seen[0]) == 1
     assert not any(p.name.startswith(".previous-run.") for p in output.iterdir())
     assert not (output / "best_model").exists() and not (output / "latest_model").exists()
@@ -422,7 +440,7 @@ def test_pretrained_bundle_skips_a_head_of_another_size(straight, dataset, tmp_p
     from flax import nnx
 
     from shitu.plugins import get_host
-    from shitu.train.trainer import load_pretrained
+    from shitu.weights.pretrained import load_pretrained
 
     reference, _ = straight
     spec = get_host().model("PP-ShiTuV2_rec")
@@ -475,3 +493,182 @@ def test_embedder_set_state_swaps_weights_without_recompiling():
     other.eval()
     with pytest.raises(ValueError, match="does not match"):
         embedder.set_state(nnx.state(other))
+
+
+# ------------------------------------------------------------------------------------------ a plugin's own model
+
+TINY_MODEL = "TinyNet-inline"
+
+
+def build_tiny(num_classes: int, *, rngs, width: int = 8, **arch):
+    """The module contract on a few layers: conv → mean pool → 16-d features; FC head with a bias."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self) -> None:
+            self.num_classes = num_classes
+            self.conv = nnx.Conv(3, width, (3, 3), strides=(2, 2), rngs=rngs)
+            self.embed = nnx.Linear(width, 16, rngs=rngs)
+            self.head = nnx.Linear(16, num_classes, rngs=rngs)
+
+        def __call__(self, x):
+            return self.embed(nnx.relu(self.conv(x)).mean(axis=(1, 2)))
+
+        def logits(self, features, labels=None):
+            return self.head(features)
+
+    return Net()
+
+
+def tiny_loss(model, images, labels, *, train: bool):
+    """Plain CE plus a small feature-norm term: two terms no built-in recipe has."""
+    import jax.numpy as jnp
+
+    from shitu.train.losses import cross_entropy, features_and_logits
+
+    features, logits, labels = features_and_logits(model, images, labels)
+    ce = cross_entropy(logits, labels)
+    norm = 1e-3 * jnp.mean(jnp.square(features))
+    total = ce + norm
+    return total, {"loss": total, "TinyCE": ce, "TinyNorm": norm}
+
+
+class TinyTransform:
+    """Resize, random horizontal flip, normalise (picklable: plain attributes)."""
+
+    def __init__(self, size: int, mean: tuple, std: tuple) -> None:
+        self.size, self.mean, self.std = size, mean, std
+
+    def __call__(self, image, rng):
+        from shitu.data.transforms import resize
+        from shitu.train.augment import normalize_hwc, random_hflip
+
+        return normalize_hwc(random_hflip(resize(image, self.size, "bilinear"), rng), self.mean, self.std)
+
+
+def tiny_transform(size: int, mean: tuple, std: tuple) -> TinyTransform:
+    return TinyTransform(size, mean, std)
+
+
+def tiny_groups(model):
+    """No L2 on the conv kernel; the head's bias frozen."""
+    return {("conv", "kernel")}, {("head", "bias")}
+
+
+class TinyPlugin:
+    """Registers :data:`TINY_MODEL` with the given recipe (None: not trainable)."""
+
+    def __init__(self, recipe) -> None:
+        self.recipe = recipe
+
+    @hookimpl
+    def register_models(self, register):
+        from shitu.models.spec import ModelSpec
+
+        register(
+            ModelSpec(
+                name=TINY_MODEL,
+                description="an inline test network",
+                builder=f"{__name__}:build_tiny",
+                config="PP-ShiTuV2_rec",
+                recipe=self.recipe,
+                embedding_size=16,
+                input_size=32,
+            )
+        )
+
+
+def _tiny_recipe():
+    from shitu.models.spec import TrainingRecipe
+
+    return TrainingRecipe(
+        loss=f"{__name__}:tiny_loss",
+        train_transform=f"{__name__}:tiny_transform",
+        parameter_groups=f"{__name__}:tiny_groups",
+        weight_decay=1e-4,
+        sampler="shuffle",
+    )
+
+
+def _register_tiny(recipe):
+    from shitu.plugins import get_host
+
+    info = get_host().register(TinyPlugin(recipe), name="tiny-inline")
+    assert info.ok and info.models == [TINY_MODEL], info.errors
+    return get_host()
+
+
+def test_a_plugin_model_trains_with_its_own_recipe(dataset, tmp_path):
+    """A model registered inline trains through ``train`` with its own loss, transform and parameter groups."""
+    import jax
+    from flax import nnx
+
+    from shitu.config import load_config
+    from shitu.train.trainer import train
+
+    host = _register_tiny(_tiny_recipe())
+    try:
+        # the model's config: its spec names the built-in PP-ShiTuV2_rec file, loaded for this model
+        config = load_config(TINY_MODEL, {**TINY, "Train.model_scale": 1.0, "Train.epochs_iters": 3})
+        assert config.get("Global.model") == TINY_MODEL
+        result = train(config, dataset_dir=dataset, output=tmp_path / "run", overrides=["Train.learning_rate=0.1"])
+        initial = nnx.state(host.model(TINY_MODEL).build(4, seed=0), nnx.Param)
+        trained = _bundle_params(result.latest_model)  # loading a bundle needs its model registered
+    finally:
+        host.unregister("tiny-inline")
+
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    for row in result.history:
+        assert {"TinyCE", "TinyNorm"} <= row.keys() and "TripletAngularMarginLoss" not in row
+        assert row["loss"] == pytest.approx(row["TinyCE"] + row["TinyNorm"], rel=1e-5)
+    assert result.history[-1]["TinyCE"] < result.history[0]["TinyCE"]
+    log = (result.output / "train.log").read_text()
+    assert "TinyCE: " in log and "TinyNorm: " in log
+    start = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(initial)}
+    assert trained.keys() == start.keys()
+
+    def moved(layer: str, name: str) -> float:
+        key = next(k for k in start if k.startswith(f"['{layer}']['{name}']"))
+        return float(np.abs(trained[key] - start[key]).max())
+
+    assert moved("conv", "kernel") > 1e-4 and moved("head", "kernel") > 1e-4
+    assert moved("head", "bias") == 0.0  # frozen by the recipe
+    assert load_config(result.output / "config.yaml").get("Global.model") == TINY_MODEL
+
+
+def test_a_model_without_a_recipe_is_refused_before_any_work(dataset, tmp_path, cli):
+    _register_tiny(None)
+    try:
+        done = cli("train", "--model", TINY_MODEL, "--dataset", dataset, "--output", tmp_path / "run", *TINY_CLI)
+    finally:
+        from shitu.plugins import get_host
+
+        get_host().unregister("tiny-inline")
+    assert done.code == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"model {TINY_MODEL} cannot be trained" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_settings_take_the_recipe_defaults_and_the_config_overrides(dataset, tmp_path):
+    from shitu.config import load_config
+    from shitu.train.settings import TrainSettings
+
+    def settings(model: str, **overrides):
+        config = load_config(model, overrides)
+        return TrainSettings.from_config(config, output=tmp_path / "run", dataset_dir=dataset)
+
+    rec = settings("PP-ShiTuV2_rec")
+    assert (rec.weight_decay, rec.sampler, rec.arch) == (1e-5, "pk", {})
+    assert settings("PP-ShiTuV2_rec_CLIP_vit_base").weight_decay == 2e-5
+    tuned = settings("PP-ShiTuV2_rec", **{"Train.weight_decay": 0.5, "Train.model_scale": 0.5})
+    assert (tuned.weight_decay, tuned.arch) == (0.5, {"scale": 0.5})
+    assert tuned.config.get("Global.dataset_dir") == str(dataset) and tuned.dataset_dir == dataset
+    for overrides, message in (
+        ({"Train.weight_decay": -1.0}, "Train.weight_decay"),
+        ({"Train.sampler": "random"}, "unknown sampler"),
+        ({"Train.epochs_iters": 0}, "Train.epochs_iters"),
+        ({"Train.model_scale": 5.0}, "Train.model_scale"),
+    ):
+        with pytest.raises(ShituError, match=message):
+            settings("PP-ShiTuV2_rec", **overrides)
+    assert not (tmp_path / "run").exists()

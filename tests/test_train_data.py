@@ -9,6 +9,7 @@ import pytest
 
 from shitu.data.demo import demo_dataset_path
 from shitu.errors import ShituError
+from shitu.models import pplcnetv2_recipe, vit_recipe
 from shitu.train import augment as A
 from shitu.train.data import TrainLoader, read_train_samples
 from shitu.train.sampler import PKSampler, ShuffleSampler
@@ -31,8 +32,12 @@ def demo_samples():
     return read_train_samples(demo_dataset_path())
 
 
-def _loader(samples, **overrides) -> TrainLoader:
-    options = dict(recipe="pplcnet", input_size=S, mean=MEAN, std=STD, batch_size=16, sample_per_id=4, seed=3)
+RECIPES = {"pplcnet": pplcnetv2_recipe, "vit": vit_recipe}
+
+
+def _loader(samples, recipe: str = "pplcnet", **overrides) -> TrainLoader:
+    transform = RECIPES[recipe].train_transform(S, MEAN, STD)
+    options = dict(transform=transform, input_size=S, batch_size=16, sample_per_id=4, seed=3)
     options.update(overrides)
     return TrainLoader(samples, **options)
 
@@ -47,9 +52,9 @@ def _batches_equal(left: list[dict], right: list[dict]) -> bool:
 # -- augmentations -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", ["pplcnet", "clip"])
+@pytest.mark.parametrize("recipe", ["pplcnet", "vit"])
 def test_transform_shape_dtype_range_and_determinism(recipe):
-    transform = A.make_train_transform(recipe, S, MEAN, STD)
+    transform = RECIPES[recipe].train_transform(S, MEAN, STD)
     image = _smooth_image()
     out = transform(image, np.random.default_rng(7))
     assert out.shape == (S, S, 3) and out.dtype == np.float32
@@ -75,7 +80,7 @@ def test_pplcnet_steps_without_rotation_are_resize_flip_pad_crop():
     """With the rotation skipped (its draw ≥ 0.5), the output is the resized image shifted by the crop."""
     image = _smooth_image()
     resized = A.resize(image, S)
-    padded = A.pad_constant(resized, A.PPLCNET_PAD)
+    padded = A.pad_constant(resized, pplcnetv2_recipe.PAD)
     assert padded.shape == (S + 20, S + 20, 3) and padded[:10].max() == 0 and padded[:, -10:].max() == 0
     assert np.array_equal(padded[10:-10, 10:-10], resized)
     rng = np.random.default_rng(0)
@@ -313,8 +318,8 @@ def test_loader_state_round_trip(demo_samples):
         _loader(demo_samples, seed=4).restore_position(state)
 
 
-def test_clip_recipe_with_shuffle_sampler(demo_samples):
-    with _loader(demo_samples, recipe="clip", sampler="shuffle", batch_size=32, drop_last=True) as loader:
+def test_vit_recipe_with_shuffle_sampler(demo_samples):
+    with _loader(demo_samples, recipe="vit", sampler="shuffle", batch_size=32, drop_last=True) as loader:
         assert loader.steps_per_epoch == 3
         batches = list(loader.epoch(0))
     assert [b["images"].shape for b in batches] == [(32, S, S, 3)] * 3

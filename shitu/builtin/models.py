@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shitu import hookimpl
+from shitu.models import pplcnetv2_recipe, vit_recipe
 from shitu.models.spec import ModelSpec
 
 
@@ -22,8 +23,9 @@ PP_SHITUV2_REC = ModelSpec(
     builder="shitu.models.pplcnetv2:build_pp_shituv2_rec",
     paddle_importer="shitu.models.pplcnetv2:import_paddle_state",
     paddle_arch="shitu.builtin.models:pplcnet_arch_for_state",
+    paddle_structure="shitu.weights.structure:pplcnetv2_names",
     config="PP-ShiTuV2_rec",
-    loss="shitu.train.losses:pplcnet_loss",
+    recipe=pplcnetv2_recipe.RECIPE,
 )
 
 # PaddleClas trains and evaluates the CLIP models with bicubic resizing, but PaddleX's predictor resizes
@@ -33,8 +35,9 @@ CLIP_VIT_BASE = ModelSpec(
     description="CLIP ViT-B/16 at 224 + FC(512) neck; training head ArcMargin(m 0.2, s 30)",
     builder="shitu.models.vit:build_clip_vit_base",
     paddle_importer="shitu.models.vit:import_paddle_state",
+    paddle_structure="shitu.weights.structure:clip_vit_names",
     config="PP-ShiTuV2_rec_CLIP_vit_base",
-    loss="shitu.train.losses:clip_loss",
+    recipe=vit_recipe.RECIPE,
 )
 
 CLIP_VIT_LARGE = ModelSpec(
@@ -42,8 +45,9 @@ CLIP_VIT_LARGE = ModelSpec(
     description="CLIP ViT-L/14 at 224 + FC(512) neck; training head ArcMargin(m 0.2, s 30)",
     builder="shitu.models.vit:build_clip_vit_large",
     paddle_importer="shitu.models.vit:import_paddle_state",
+    paddle_structure="shitu.weights.structure:clip_vit_names",
     config="PP-ShiTuV2_rec_CLIP_vit_large",
-    loss="shitu.train.losses:clip_loss",
+    recipe=vit_recipe.RECIPE,
 )
 
 

@@ -37,13 +37,13 @@ def demo_command(
     out = Output(json)
     if budget not in BUDGETS:
         raise ShituError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    configure_jax()
     plan = BUDGETS[budget]
     out.info(
         f"[bold]shitu demo[/] · budget {plan.name}: PP-ShiTuV2_rec at {plan.input_size} px, {plan.epochs} epochs, "
         f"batch {plan.batch_size}{', from the bundled starting weights' if plan.start_weights else ''} → {output}"
     )
     renderer = _Renderer(out)
-    configure_jax()
     result = run_demo(output, budget=plan, overwrite=overwrite, on_event=renderer)
     document = result.to_json()
     out.emit(document)

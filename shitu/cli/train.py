@@ -33,7 +33,8 @@ def train_command(
         typer.Option("--model", "-m", help=f"Model (its config gives the defaults); default {DEFAULT_MODEL}."),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", help="Folder for the run (default: Global.output, 'output').")
+        Path | None,
+        typer.Option("--output", help="Folder for the run (default: Global.output, 'output'; required with --resume)."),
     ] = None,
     pretrained: Annotated[
         Path | None,
@@ -61,14 +62,15 @@ def train_command(
     Settings as PaddleX: -o Train.epochs_iters=10 -o Train.batch_size=64 -o Train.learning_rate=0.02
     -o Train.input_size=128 -o Global.device=gpu (Train.batch_size is the global batch over all devices).
 
-    Ctrl-C saves a checkpoint and exits 130; --resume continues exactly. With --json: one JSON line per epoch
-    on stdout, then a summary line.
+    Ctrl-C saves a checkpoint and exits 130; --resume continues exactly the run in --output (with its own
+    config: -o may change only what does not alter the results, such as Global.device or Train.num_workers).
+    With --json: one JSON line per epoch on stdout, then a summary line.
 
     Many processes (hosts): start the same command in each with --distributed (SLURM, Open MPI, Kubernetes)
     or --coordinator HOST:PORT --num-processes N --process-id I; one global mesh spans every device, and only
     process 0 writes the outputs and prints.
     """
-    from shitu.config import load_config
+    from shitu.runtime import configure_jax
     from shitu.train.trainer import TrainingInterrupted, train
 
     if resume and overwrite:
@@ -76,13 +78,13 @@ def train_command(
     out, _ = join(
         json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
     )
-    overrides = list(override or [])
-    config = _resume_config(output, model, overrides) if resume else load_config(model or DEFAULT_MODEL, overrides)
+    configure_jax()
     renderer = _Renderer(out)
     try:
         with renderer:
             result = train(
-                config,
+                model if resume else (model or DEFAULT_MODEL),
+                overrides=list(override or []),
                 dataset_dir=dataset,
                 output=output,
                 pretrained=pretrained,
@@ -103,20 +105,6 @@ def train_command(
         )
     out.info(f"results: {result.output / 'train_result.json'}")
     return 0
-
-
-def _resume_config(output: Path | None, model: str | None, overrides: list[str]) -> Any:
-    """The run's own config.yaml with the ``-o`` overrides on top (the trainer refuses result-changing ones)."""
-    from shitu.config import load_config
-
-    folder = Path(output) if output is not None else Path(load_config(model or DEFAULT_MODEL).get("Global.output"))
-    saved = folder / "config.yaml"
-    if not saved.is_file():
-        raise ShituError("nothing to resume: no training run in this folder (no config.yaml)", path=folder)
-    config = load_config(saved, overrides)
-    if model is not None and config.get("Global.model") != model:
-        raise ShituError(f"the run in this folder trains {config.get('Global.model')}, not {model}", path=folder)
-    return config
 
 
 class _Renderer:

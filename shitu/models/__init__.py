@@ -4,6 +4,6 @@ Importing this package must stay cheap (no JAX): specs name their builders as ``
 strings that are imported only when a model is built.
 """
 
-from shitu.models.spec import ImportReport, ModelSpec
+from shitu.models.spec import ImportReport, ModelSpec, TrainingRecipe
 
-__all__ = ["ImportReport", "ModelSpec"]
+__all__ = ["ImportReport", "ModelSpec", "TrainingRecipe"]

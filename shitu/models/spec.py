@@ -1,5 +1,5 @@
 """What a model plugin registers: a :class:`ModelSpec` bundles the network, its default config,
-preprocessing, training head and loss, and its Paddle weight importer: a model is more than a module.
+preprocessing, its :class:`TrainingRecipe` and its Paddle weight hooks: a model is more than a module.
 
 The module contract (Flax NNX) that every built model follows:
 
@@ -44,22 +44,52 @@ class ImportReport:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """A registered model. ``builder``, ``paddle_importer`` and ``loss`` are ``"module:function"`` strings.
+class TrainingRecipe:
+    """Everything training needs from a model plugin; each callable is a "module:function" reference.
 
-    - ``builder(num_classes: int, *, rngs: nnx.Rngs, **arch) -> nnx.Module``
+    - ``loss(model, images, labels, *, train: bool) -> (total, terms)``: ``terms`` is a dict of scalars
+      whose ``"loss"`` entry is ``total``; every term is logged and averaged per epoch. ``train=False`` is
+      the evaluation loss. The model is already in the right mode (``model.train()`` while training).
+    - ``train_transform(size: int, mean: tuple, std: tuple) -> transform``: ``transform(image, rng)`` maps
+      an RGB uint8 array [H, W, 3] and a :class:`numpy.random.Generator` (its only source of randomness)
+      to a normalised float32 array [size, size, 3]; it must be picklable (loader worker processes).
+    - ``parameter_groups(model) -> (no_decay, frozen)``: two sets of parameter paths (tuples of the keys
+      of ``nnx.state(model, nnx.Param)``) that get no L2 and no update; None: all decayed, none frozen.
+    - ``weight_decay``: the coupled L2 coefficient (``Train.weight_decay`` in the config overrides it).
+    - ``sampler``: the default batch sampler, ``"pk"`` (P identities × K images) or ``"shuffle"``
+      (``Train.sampler`` overrides it).
+    """
+
+    loss: str
+    train_transform: str
+    parameter_groups: str | None = None
+    weight_decay: float = 0.0
+    sampler: str = "shuffle"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model. ``builder`` and the Paddle hooks are ``"module:function"`` strings.
+
+    - ``builder(num_classes: int, *, rngs: nnx.Rngs, **arch) -> nnx.Module`` (the module contract above)
+    - ``config``: the default config, a built-in name (``shitu/configs/NAME.yaml``) or
+      ``"package.module:relative/path.yaml"``, a YAML file shipped in the plugin's package
+    - ``recipe``: the :class:`TrainingRecipe`; None: the model can be built and used, not trained
     - ``paddle_importer(model, state: dict[str, np.ndarray]) -> ImportReport`` (PaddleClas structured names)
     - ``paddle_arch(state) -> dict``: architecture options a Paddle state needs (e.g. the fused form)
-    - ``loss(outputs..., labels) -> (loss, terms)`` (see the training code)
+    - ``paddle_structure(program, layers) -> {structured name: static name}``: names the parameters of an
+      exported Paddle inference program from its layers (:func:`shitu.weights.structure.extract_layers`);
+      raises ShituError when the program is not this model's
     """
 
     name: str
     description: str
     builder: str
     config: str
+    recipe: TrainingRecipe | None = None
     paddle_importer: str | None = None
     paddle_arch: str | None = None
-    loss: str | None = None
+    paddle_structure: str | None = None
     embedding_size: int = 512
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN

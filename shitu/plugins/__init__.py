@@ -384,6 +384,12 @@ def _invalid(kind: str, item: Any) -> str | None:
 
         if not isinstance(item, ModelSpec):
             return "is not a shitu.models.ModelSpec"
+        from shitu.models.spec import TrainingRecipe
+
+        if item.recipe is not None and not isinstance(item.recipe, TrainingRecipe):
+            return "has a recipe that is not a shitu.models.TrainingRecipe (or None)"
+        if item.recipe is not None and item.recipe.sampler not in ("pk", "shuffle"):
+            return f"has a recipe whose sampler {item.recipe.sampler!r} is neither 'pk' nor 'shuffle'"
     return None
 
 

@@ -1,26 +1,13 @@
-"""Training augmentations of PaddleX's recognizers, re-created on OpenCV and Pillow.
+"""Training augmentation operations, re-created on OpenCV and Pillow as PaddleClas' transforms compute them.
 
-Two recipes, each a picklable callable ``transform(image, rng) -> float32 [S, S, 3]`` taking an RGB uint8
-image [H, W, 3] and a :class:`numpy.random.Generator` (every random draw comes from that generator, so an image's
-augmentation is fixed by the generator's seed):
+Every op takes an RGB uint8 image [H, W, 3] and, when random, a :class:`numpy.random.Generator` that all of its
+draws come from (so an image's augmentation is fixed by the generator's seed). A model's train transform
+(its recipe's ``train_transform``) composes them and ends with :func:`normalize_hwc`.
 
-- ``pplcnet`` (PP-ShiTuV2_rec, PaddleClas ``GeneralRecognitionV2_PPLCNetV2_base.yaml``): ResizeImage S×S (cv2
-  INTER_LINEAR, aspect ignored) → RandFlipImage (horizontal, p 0.5) → Pad 10 px constant 0 (cv2) →
-  RandCropImageV2 S, whose offsets are drawn from ``randint(0, H - S + 1)`` *inclusive*, so one crop in
-  about 11 is S-1 px high or wide (PaddleClas' quirk, kept) → RandomRotation (p 0.5, angle U(-90°, 90°),
-  bilinear, about the centre, same size, fill 0: ``paddle.vision``'s RandomRotation, which calls Pillow's
-  ``Image.rotate``; computed here with ``cv2.warpAffine``, see :func:`rotate`) → ResizeImage S×S (cv2
-  INTER_LINEAR) → NormalizeImage.
-  The padding stays 10 px whatever S is (PaddleX's fixed value, not scaled with the input size).
-- ``clip`` (PP-ShiTuV2_rec_CLIP_vit_*, ``GeneralRecognitionV2_CLIP_vit_*.yaml``): RandCropImage S (scale
-  [0.08, 1], ratio [3/4, 4/3], cv2 INTER_LINEAR) → RandFlipImage → TimmAutoAugment ``rand-m7-mstd0.5-inc1``
-  (bicubic, fill = ImageNet mean in bytes (124, 116, 104)) → RandomRotation (p 0.3, ±90°, bicubic, fill 0)
-  → NormalizeImage.
-
-TimmAutoAugment is RandAugment as in PaddleClas' copy of timm's ``auto_augment.py`` (the same ops and
-magnitude mappings as current timm for this policy): each image gets ``n`` ops (default 2) drawn uniformly
-*with* replacement from the 15 "increasing" ops; each op runs with probability 0.5 at magnitude
-``clip(N(m, mstd), 0, 10)``; signed ops (rotate, shear, translate, enhance) negate their argument with
+RandAugment (PaddleClas' TimmAutoAugment ``rand-…`` policies) is timm's ``auto_augment.py`` as PaddleClas
+copies it (the same ops and magnitude mappings as current timm): each image gets ``n`` ops (default 2) drawn
+uniformly *with* replacement from the policy's 15 ops; each op runs with probability 0.5 at magnitude
+``N(m, mstd)`` limited to [0, 10]; signed ops (rotate, shear, translate, enhance) negate their argument with
 probability 0.5. The ops are Pillow's ``ImageOps`` / ``ImageEnhance`` / ``Image.transform`` — the library
 timm uses, so results match timm's ops on the same parameters (re-implemented here: timm is not a
 dependency, and its ops draw from Python's global ``random``).
@@ -42,18 +29,11 @@ import numpy as np
 
 from shitu.data.transforms import resize
 
-#: PaddleClas' Pad before RandCropImageV2, in pixels (kept at 10 px for every input size).
-PPLCNET_PAD = 10
-#: The CLIP recipe's TimmAutoAugment policy.
-CLIP_AUTO_AUGMENT = "rand-m7-mstd0.5-inc1"
-#: Recipes :func:`make_train_transform` knows.
-RECIPES = ("pplcnet", "clip")
-
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _MAX_LEVEL = 10.0
 
 
-# -- the geometric steps shared by the recipes ---------------------------------------------------------
+# -- geometric ops ----------------------------------------------------------------------------------
 
 
 def random_hflip(image: np.ndarray, rng: np.random.Generator, prob: float = 0.5) -> np.ndarray:
@@ -437,7 +417,7 @@ def rand_augment(
     fill: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """timm's RandAugment on an RGB uint8 array: ``config.num_ops`` ops drawn uniformly with replacement,
-    each applied with probability ``config.prob`` at magnitude ``clip(N(m, mstd), 0, 10)``."""
+    each applied with probability ``config.prob`` at magnitude ``N(m, mstd)`` limited to [0, 10]."""
     from PIL import Image
 
     if fill is None:
@@ -457,35 +437,7 @@ def rand_augment(
     return np.asarray(img)
 
 
-# -- the recipes ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainTransform:
-    """A recipe's train transform for ``size``×``size`` inputs: ``transform(image, rng)`` maps an RGB uint8
-    array [H, W, 3] to a normalised float32 array [size, size, 3] (HWC). Picklable (worker processes)."""
-
-    recipe: str
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    pad: int = PPLCNET_PAD
-    auto_augment: str = CLIP_AUTO_AUGMENT
-
-    def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
-        if self.recipe == "clip":
-            parse_rand_augment(self.auto_augment)  # fail early on a bad policy string
-
-    def augment(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """The augmented uint8 image [size, size, 3], before normalisation."""
-        if self.recipe == "pplcnet":
-            return pplcnet_augment(image, rng, size=self.size, pad=self.pad)
-        return clip_augment(image, rng, size=self.size, policy=parse_rand_augment(self.auto_augment))
-
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return normalize_hwc(self.augment(image, rng), self.mean, self.std)
+# -- normalisation ------------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=8)
@@ -509,36 +461,3 @@ def normalize_hwc(image: np.ndarray, mean: Sequence[float], std: Sequence[float]
     out -= full_mean
     out /= full_std
     return out
-
-
-def pplcnet_augment(image: np.ndarray, rng: np.random.Generator, *, size: int, pad: int = PPLCNET_PAD) -> np.ndarray:
-    """PP-ShiTuV2_rec's train augmentation up to (not including) NormalizeImage; uint8 [size, size, 3]."""
-    image = resize(image, size, "bilinear")
-    image = random_hflip(image, rng)
-    image = pad_constant(image, pad)
-    image = rand_crop_v2(image, size, rng)
-    image = random_rotation(image, rng, prob=0.5, degrees=90.0, interpolation="bilinear")
-    return resize(image, size, "bilinear")
-
-
-def clip_augment(
-    image: np.ndarray, rng: np.random.Generator, *, size: int, policy: RandAugmentConfig | None = None
-) -> np.ndarray:
-    """The CLIP recipe's train augmentation up to (not including) NormalizeImage; uint8 [size, size, 3]."""
-    image = rand_resized_crop(image, size, rng)
-    image = random_hflip(image, rng)
-    image = rand_augment(image, rng, policy or parse_rand_augment(CLIP_AUTO_AUGMENT), interpolation="bicubic")
-    return random_rotation(image, rng, prob=0.3, degrees=90.0, interpolation="bicubic")
-
-
-def make_train_transform(
-    recipe: str, size: int, mean: Sequence[float], std: Sequence[float], *, pad: int = PPLCNET_PAD
-) -> TrainTransform:
-    """The train transform of ``recipe`` ("pplcnet" or "clip") at input size ``size``."""
-    return TrainTransform(
-        recipe=recipe,
-        size=int(size),
-        mean=tuple(float(x) for x in mean),  # type: ignore[arg-type]
-        std=tuple(float(x) for x in std),  # type: ignore[arg-type]
-        pad=int(pad),
-    )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from shitu.errors import ShituError
-from shitu.train.augment import RECIPES, TrainTransform, make_train_transform
 from shitu.train.sampler import PKSampler, ShuffleSampler
 
 #: Samplers :class:`TrainLoader` knows.
@@ -47,8 +46,8 @@ class TrainSamples:
     ``labels`` are the class indices 0..C-1 the model is trained on: the sorted unique original labels,
     numbered in order (PaddleClas relabels by ``enumerate(set(labels))``, whose order is an implementation
     detail of Python sets; sorting gives the same result for small non-negative integers and a documented
-    one otherwise). ``label_map`` maps each original label to its class index. The CLIP recipe in
-    PaddleClas does not relabel; shitu trains every recipe on the relabelled indices and keeps the map.
+    one otherwise). ``label_map`` maps each original label to its class index. Some PaddleClas recipes do
+    not relabel; shitu trains every model on the relabelled indices and keeps the map.
     """
 
     root: Path
@@ -116,8 +115,9 @@ class _BatchMaker:
         self,
         samples: TrainSamples,
         sampler: PKSampler | ShuffleSampler,
-        transform: TrainTransform,
+        transform: Callable[[np.ndarray, np.random.Generator], np.ndarray],
         *,
+        size: int,
         seed: int,
         start_epoch: int,
         start_step: int,
@@ -127,6 +127,7 @@ class _BatchMaker:
         self.samples = samples
         self.sampler = sampler
         self.transform = transform
+        self.size = size
         self.seed = seed
         self.start_epoch = start_epoch
         self.start_step = start_step
@@ -154,7 +155,7 @@ class _BatchMaker:
         indices = self.plan(epoch)[step]
         local = len(indices) // self.shard_count
         rows = range(self.shard_index * local, (self.shard_index + 1) * local)
-        size = self.transform.size
+        size = self.size
         images = np.empty((len(rows), size, size, 3), dtype=np.float32)
         labels = np.empty((len(rows),), dtype=np.int32)
         for out, position in enumerate(rows):
@@ -167,7 +168,14 @@ class _BatchMaker:
                     path=self.samples.paths[sample],
                     hint=f"listed at {self.samples.where(sample)}; run 'shitu check' on the dataset",
                 ) from None
-            images[out] = self.transform(image, augment_rng(self.seed, epoch, step, position))
+            augmented = self.transform(image, augment_rng(self.seed, epoch, step, position))
+            if getattr(augmented, "shape", None) != (size, size, 3):
+                raise ShituError(
+                    f"the train transform {self.transform!r} returned an array of shape "
+                    f"{getattr(augmented, 'shape', type(augmented).__name__)}, not ({size}, {size}, 3)",
+                    path=self.samples.paths[sample],
+                )
+            images[out] = augmented
             labels[out] = self.samples.labels[sample]
         return {"images": images, "labels": labels}
 
@@ -208,19 +216,19 @@ class TrainLoader:
     """Batches of augmented training images: ``{"images": float32 [B_local, S, S, 3] (NHWC, normalised),
     "labels": int32 [B_local]}`` with ``B_local = batch_size / shard_count``.
 
-    ``sampler`` "pk" (PaddleClas' PKSampler, ``sample_per_id`` images per identity, ``ceil(N / batch_size)``
-    full batches per epoch; ``drop_last`` has no effect) or "shuffle" (a permutation per epoch; the last,
-    shorter batch is dropped when ``drop_last``). Every check runs here, before any compile.
+    ``transform(image, rng)`` is the model's train transform (its recipe's ``train_transform`` at
+    ``input_size``): RGB uint8 [H, W, 3] → float32 [input_size, input_size, 3]; picklable when
+    ``num_workers`` > 0. ``sampler`` "pk" (PaddleClas' PKSampler, ``sample_per_id`` images per identity,
+    ``ceil(N / batch_size)`` full batches per epoch; ``drop_last`` has no effect) or "shuffle" (a permutation
+    per epoch; the last, shorter batch is dropped when ``drop_last``). Every check runs here, before any compile.
     """
 
     def __init__(
         self,
         samples: TrainSamples,
         *,
-        recipe: str,
+        transform: Callable[[np.ndarray, np.random.Generator], np.ndarray],
         input_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
         batch_size: int,
         sample_per_id: int = 4,
         sampler: str = "pk",
@@ -234,8 +242,6 @@ class TrainLoader:
         self._stream: _Stream | None = None
         if len(samples) == 0:
             raise ShituError("train.txt lists no images", path=samples.list_file)
-        if recipe not in RECIPES:
-            raise ShituError(f"unknown training recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         if sampler not in SAMPLERS:
             raise ShituError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if int(input_size) < 8:
@@ -249,7 +255,6 @@ class TrainLoader:
                 f"the batch size ({batch_size}) must be a positive multiple of the number of processes ({shard_count})"
             )
         self.samples = samples
-        self.recipe = recipe
         self.input_size = int(input_size)
         self.batch_size = int(batch_size)
         self.sample_per_id = int(sample_per_id)
@@ -259,7 +264,7 @@ class TrainLoader:
         self.shard_index = int(shard_index)
         self.shard_count = int(shard_count)
         self.drop_last = bool(drop_last)
-        self.transform = make_train_transform(recipe, self.input_size, mean, std)
+        self.transform = transform
         self.sampler: PKSampler | ShuffleSampler
         if sampler == "pk":
             self.sampler = PKSampler(
@@ -317,6 +322,7 @@ class TrainLoader:
             self.samples,
             self.sampler,
             self.transform,
+            size=self.input_size,
             seed=self.seed,
             start_epoch=epoch,
             start_step=step,

@@ -1,15 +1,9 @@
-"""Training losses of the recognition recipes, as PaddleClas computes them (reference/ppshitu_spec.md §3, §7).
+"""Loss building blocks, as PaddleClas computes them (reference/ppshitu_spec.md §3, §7).
 
-Pure JAX, float32, jit-able. Two recipes:
-
-- ``"pplcnet"`` (PP-ShiTuV2_rec): ``features = model(images)``; ``logits = model.logits(features, labels)``
-  (plain FC); total = ``CELoss(ε 0.1)`` on the logits + ``TripletAngularMarginLoss`` on the features.
-- ``"clip"`` (the CLIP ViT models): ``logits = model.logits(features, labels)`` is the ArcMargin head in
-  training mode (margin applied to the label column, scaled); total = ``CELoss`` without smoothing.
-
-:func:`recognition_loss` returns ``(total, terms)`` with the terms named like PaddleClas' loss dict
-(``"loss"`` is the total). The ``ModelSpec.loss`` references of the built-in models point at
-:func:`pplcnet_loss` and :func:`clip_loss`, thin wrappers of :func:`recognition_loss`.
+Pure JAX, float32, jit-able. A model's own loss (its :class:`shitu.models.spec.TrainingRecipe`'s ``loss``)
+combines these: :func:`features_and_logits` runs the module contract's forward, :func:`cross_entropy` is
+PaddleClas' ``CELoss`` (on plain FC logits, or on margin logits: an ArcMargin head applies its margin in
+``model.logits`` when given the labels), :func:`triplet_angular_margin_loss` its ``TripletAngularMarginLoss``.
 """
 
 from __future__ import annotations
@@ -19,27 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = [
-    "RECIPES",
-    "clip_loss",
-    "cross_entropy",
-    "pplcnet_loss",
-    "recipe_for",
-    "recognition_loss",
-    "triplet_angular_margin_loss",
-]
-
-RECIPES = ("pplcnet", "clip")
-
-#: PP-ShiTuV2_rec's loss settings (GeneralRecognitionV2_PPLCNetV2_base.yaml).
-PPLCNET_CE_EPSILON = 0.1
-PPLCNET_TRIPLET = {
-    "margin": 0.5,
-    "ap_value": 0.8,
-    "an_value": 0.4,
-    "absolute_loss_weight": 0.1,
-    "normalize_feature": True,
-}
+__all__ = ["cross_entropy", "features_and_logits", "triplet_angular_margin_loss"]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, epsilon: float | None = 0.0) -> jax.Array:
@@ -106,65 +80,10 @@ def triplet_angular_margin_loss(
     return jnp.mean(rank) + absolute_loss_weight * (jnp.mean(abs_an) + jnp.mean(abs_ap))
 
 
-def recognition_loss(
-    recipe: str, model: Any, images: jax.Array, labels: jax.Array, *, train: bool = True
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The total loss of ``recipe`` ("pplcnet" | "clip", or a model name / ModelSpec, see :func:`recipe_for`)
-    on one batch, and its terms.
-
-    Calls ``model(images)`` then ``model.logits(features, labels)``; the caller sets the model's mode
-    (``model.train()`` for training: BatchNorm batch statistics, dropout, the ArcMargin margin).
-
-    ``train=True``: the recipe's training loss — "pplcnet": ``{"loss", "CELoss", "TripletAngularMarginLoss"}``
-    (CE with ε 0.1 + triplet); "clip": ``{"loss", "CELoss"}`` (CE without smoothing on the ArcMargin logits).
-    ``train=False``: PaddleClas' ``Loss.Eval`` (both recipes): ``{"loss", "CELoss"}``, CE without smoothing.
-    """
-    recipe = recipe_for(recipe)
+def features_and_logits(model: Any, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(features, logits, labels)`` of one batch by the module contract: ``features = model(images)``
+    (float32 [B, D]), ``logits = model.logits(features, labels)`` [B, C] (margin heads use the labels in
+    training mode), ``labels`` flattened to [B]. The caller sets the model's mode."""
     labels = jnp.reshape(jnp.asarray(labels), (-1,))
     features = jnp.asarray(model(images), jnp.float32)
-    logits = model.logits(features, labels)
-    if recipe == "pplcnet" and train:
-        ce = cross_entropy(logits, labels, PPLCNET_CE_EPSILON)
-        triplet = triplet_angular_margin_loss(features, labels, **PPLCNET_TRIPLET)
-        total = ce + triplet
-        return total, {"loss": total, "CELoss": ce, "TripletAngularMarginLoss": triplet}
-    ce = cross_entropy(logits, labels, 0.0)
-    return ce, {"loss": ce, "CELoss": ce}
-
-
-def pplcnet_loss(
-    model: Any, images: jax.Array, labels: jax.Array, *, train: bool = True
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """PP-ShiTuV2_rec's loss (``ModelSpec.loss``): :func:`recognition_loss` with recipe "pplcnet"."""
-    return recognition_loss("pplcnet", model, images, labels, train=train)
-
-
-def clip_loss(
-    model: Any, images: jax.Array, labels: jax.Array, *, train: bool = True
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The CLIP models' loss (``ModelSpec.loss``): :func:`recognition_loss` with recipe "clip"."""
-    return recognition_loss("clip", model, images, labels, train=train)
-
-
-_LOSS_RECIPES = {
-    "shitu.train.losses:pplcnet_loss": "pplcnet",
-    "shitu.train.losses:clip_loss": "clip",
-}
-
-
-def recipe_for(spec: Any) -> str:
-    """The training recipe, "pplcnet" or "clip", of a recipe name, a ``ModelSpec`` or a model name.
-
-    A spec whose ``loss`` is one of this module's wrappers gets that wrapper's recipe; otherwise a name
-    containing "clip" means "clip" and anything else "pplcnet".
-    """
-    if isinstance(spec, str):
-        if spec in RECIPES:
-            return spec
-        return "clip" if "clip" in spec.lower() else "pplcnet"
-    declared = getattr(spec, "loss", None)
-    if declared in RECIPES:
-        return str(declared)
-    if declared in _LOSS_RECIPES:
-        return _LOSS_RECIPES[declared]
-    return "clip" if "clip" in str(getattr(spec, "name", "")).lower() else "pplcnet"
+    return features, model.logits(features, labels), labels

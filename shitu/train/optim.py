@@ -1,5 +1,4 @@
-"""Optimizer and learning-rate schedule of the recognition recipes, as PaddleClas trains them
-(reference/ppshitu_spec.md §4, §7).
+"""Optimizer and learning-rate schedule, as PaddleClas trains recognition models (reference/ppshitu_spec.md §4).
 
 Update rule (Paddle ``Momentum``, non-Nesterov, with a fused coupled L2 regularizer), per parameter ``w``
 with gradient ``g`` at iteration ``i`` (0-based)::
@@ -12,16 +11,9 @@ This is ``optax.add_decayed_weights`` → ``optax.trace(momentum, nesterov=False
 ``v = g + decay·v``, the same form) → ``optax.scale_by_learning_rate(schedule)`` (which reads the schedule
 at the update count, so the first update uses ``lr(0)`` like Paddle's first step).
 
-Which parameters (computed from the model's NNX state paths, see :func:`parameter_groups`):
-
-- ``"pplcnet"``: coeff 1e-5. **No L2** on the BatchNorm ``scale``/``bias`` of every ``ConvBN`` layer of the
-  backbone (Paddle's ``ConvBNLayer`` gives them ``L2Decay(0.0)``): the paths ``<ConvBN path>.bn.scale`` and
-  ``<ConvBN path>.bn.bias`` (stem, every block's dw/pw convs and the rep branches). L2 still applies to the
-  convolution kernels, SE convs, ``last_conv``, the BNNeck ``feat_bn.scale``/``feat_bn.bias`` and the FC
-  head. The BNNeck bias ``neck.feat_bn.bias`` is **frozen** (upstream ``learning_rate: 1e-20``, i.e. an
-  update of ~1e-20·lr·v): its update is set to exactly zero.
-- ``"clip"``: coeff 2e-5 on every parameter (LayerNorms, cls token and position embedding included, as
-  upstream's config sets no exclusions); nothing frozen.
+Which parameters: every parameter gets the L2 term and an update, except the groups a model's recipe names
+(:func:`parameter_groups`): ``no_decay`` paths get no L2 term, ``frozen`` paths get an update of exactly
+zero (PaddleClas freezes a parameter with ``learning_rate: 1e-20``, an update of ~1e-20·lr·v).
 
 Learning rate (PaddleClas ``Cosine`` with ``by_epoch: False``, i.e. Paddle ``LinearWarmup`` around
 ``CosineAnnealingDecay``; the scheduler steps once per iteration, after the optimizer step)::
@@ -43,18 +35,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from shitu.errors import ShituError
+from shitu.models.spec import TrainingRecipe, resolve
 
 __all__ = [
-    "DEFAULT_WEIGHT_DECAY",
     "ParameterGroups",
     "lr_schedule",
     "make_optimizer",
     "parameter_groups",
     "warmup_and_decay_steps",
 ]
-
-#: L2 coefficient per recipe (GeneralRecognitionV2_PPLCNetV2_base.yaml / ..._CLIP_vit_*.yaml).
-DEFAULT_WEIGHT_DECAY = {"pplcnet": 1e-5, "clip": 2e-5}
 
 Path = tuple[str | int, ...]
 
@@ -81,30 +70,33 @@ class ParameterGroups:
         }
 
 
-def parameter_groups(model: Any, recipe: str) -> ParameterGroups:
-    """Which parameters of ``model`` get no L2 and which are frozen, under ``recipe`` (module docstring).
-
-    Found by walking the model graph: every ``ConvBN`` module's ``bn`` parameters (pplcnet), and a
-    ``BNNeck`` neck's ``feat_bn.bias`` (pplcnet). Paths are those of ``nnx.state(model, nnx.Param)``.
-    """
+def parameter_groups(model: Any, recipe: TrainingRecipe | None = None) -> ParameterGroups:
+    """The parameters of ``model`` that ``recipe.parameter_groups(model)`` excludes from L2 (``no_decay``)
+    and from updates (``frozen``); no recipe or no reference: none. Paths are those of
+    ``nnx.state(model, nnx.Param)``; the recipe may spell list indices as ints or strings. A path that
+    is not a parameter of the model is a ShituError naming the reference."""
     from flax import nnx
 
-    from shitu.models.layers import ConvBN
-    from shitu.models.pplcnetv2 import BNNeck
-
     all_params = tuple(tuple(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    known = set(all_params)
-    no_decay: set[Path] = set()
-    frozen: set[Path] = set()
-    if recipe == "pplcnet":
-        for path, node in nnx.iter_graph(model):
-            if isinstance(node, ConvBN) and node.bn is not None:
-                no_decay.update(p for p in known if p[: len(path) + 1] == (*path, "bn"))
-            elif isinstance(node, BNNeck):
-                frozen.update(p for p in known if p == (*path, "feat_bn", "bias"))
-    elif recipe != "clip":
-        raise ShituError(f"unknown training recipe {recipe!r}", hint="use 'pplcnet' or 'clip'")
-    return ParameterGroups(all_params=all_params, no_decay=frozenset(no_decay), frozen=frozenset(frozen))
+    if recipe is None or recipe.parameter_groups is None:
+        return ParameterGroups(all_params=all_params, no_decay=frozenset(), frozen=frozenset())
+    by_text = {tuple(str(part) for part in path): path for path in all_params}
+    no_decay, frozen = resolve(recipe.parameter_groups)(model)
+
+    def known(paths: Any, what: str) -> frozenset[Path]:
+        found: set[Path] = set()
+        for path in paths:
+            key = tuple(str(part) for part in path)
+            if key not in by_text:
+                raise ShituError(
+                    f"{recipe.parameter_groups} names {what} parameter {'.'.join(key)!r}, which the model lacks"
+                )
+            found.add(by_text[key])
+        return frozenset(found)
+
+    return ParameterGroups(
+        all_params=all_params, no_decay=known(no_decay, "a no-decay"), frozen=known(frozen, "a frozen")
+    )
 
 
 def warmup_and_decay_steps(epochs: int, warmup_epochs: float, steps_per_epoch: int) -> tuple[int, float]:
@@ -185,25 +177,28 @@ def _path_mask(paths: frozenset[Path], value: bool) -> Callable[[Any], Any]:
 def make_optimizer(
     model: Any,
     *,
-    recipe: str,
     learning_rate: float,
     epochs: int,
     warmup_epochs: float,
     steps_per_epoch: int,
+    weight_decay: float = 0.0,
+    groups: ParameterGroups | None = None,
     momentum: float = 0.9,
-    weight_decay: float | None = None,
 ) -> tuple[Any, Callable[[Any], Any]]:
-    """``(tx, schedule)``: Paddle's Momentum + coupled L2 for ``recipe`` ("pplcnet" | "clip") on ``model``
-    (module docstring), and the per-iteration learning rate ``schedule(i)``.
+    """``(tx, schedule)``: Paddle's Momentum + coupled L2 of coefficient ``weight_decay`` on ``model``,
+    sparing ``groups.no_decay`` the L2 and ``groups.frozen`` every update (module docstring; ``groups``
+    None: :func:`parameter_groups` without a recipe), and the per-iteration learning rate ``schedule(i)``.
 
-    ``weight_decay`` overrides the recipe's L2 coefficient (the exclusions stay). ``tx`` works on
-    ``nnx.state(model, nnx.Param)`` (with Variables or pure arrays), so it serves both
+    ``tx`` works on ``nnx.state(model, nnx.Param)`` (with Variables or pure arrays), so it serves both
     ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and a functional ``tx.update(grads, opt_state, params)``.
     """
     import optax
 
-    groups = parameter_groups(model, recipe)
-    coeff = DEFAULT_WEIGHT_DECAY[recipe] if weight_decay is None else float(weight_decay)
+    if groups is None:
+        groups = parameter_groups(model)
+    coeff = float(weight_decay)
+    if coeff < 0:
+        raise ShituError(f"weight decay must not be negative, got {coeff}")
     schedule = lr_schedule(learning_rate, epochs=epochs, warmup_epochs=warmup_epochs, steps_per_epoch=steps_per_epoch)
     parts = []
     if coeff:

@@ -46,12 +46,13 @@ def _head_classes(state: dict[str, np.ndarray]) -> int | None:
     return None
 
 
-def read_paddle_state(file: Path) -> tuple[dict[str, np.ndarray], str]:
-    """The structured-name state of a Paddle weights file, and which kind of file it was."""
+def read_paddle_state(file: Path, spec: ModelSpec | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """The structured-name state of a Paddle weights file, and which kind of file it was. An inference
+    model's parameters are named by ``spec``'s ``paddle_structure`` (see :mod:`shitu.weights.structure`)."""
     if file.is_dir() or file.suffix in (".json", ".pdmodel", ".pdiparams"):
         from shitu.weights.paddle_inference import load_inference_model
 
-        return load_inference_model(file).structured_state(), "inference"
+        return load_inference_model(file).structured_state(spec), "inference"
     from shitu.weights.pdparams import load_pdparams
 
     return load_pdparams(file), "pdparams"
@@ -114,7 +115,7 @@ def import_weights(
         raise ShituError("output folder is not empty", path=target, hint="use --overwrite to replace it")
     if spec.paddle_importer is None:
         raise ShituError(f"model {spec.name} has no Paddle weight importer")
-    state, kind = read_paddle_state(source)
+    state, kind = read_paddle_state(source, spec)
     classes = num_classes or _head_classes(state) or 1
     # Some files need another form of the network (an exported PP-ShiTuV2_rec is re-parameterized).
     arch: dict[str, Any] = dict(resolve(spec.paddle_arch)(state)) if spec.paddle_arch else {}

@@ -83,11 +83,12 @@ class InferenceModel:
     structured_names: dict[str, str] = field(default_factory=dict)  # from .pdiparams.info when present
     version: int | None = None  # PIR: base_code.version; legacy: ProgramDesc.version
 
-    def structured_state(self) -> dict[str, np.ndarray]:
-        """``{PaddleClas structured name: array}`` (``backbone.…``/``neck.…``, as in a ``.pdparams``)."""
+    def structured_state(self, spec: Any = None) -> dict[str, np.ndarray]:
+        """``{PaddleClas structured name: array}`` (``backbone.…``/``neck.…``, as in a ``.pdparams``), named
+        by ``spec``'s ``paddle_structure`` (None: by the registered model that reads the program)."""
         from shitu.weights.structure import structured_state
 
-        return structured_state(self)
+        return structured_state(self, spec)
 
 
 # ----------------------------------------------------------------------------------------------- file finding

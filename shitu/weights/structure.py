@@ -9,7 +9,8 @@ in program order. This module reads that in two steps:
    linear (``matmul`` with a parameter, plus its bias ``add``), each standalone batch_norm / layer_norm, a
    parameter ``expand``-ed into the batch (a class token) and a parameter added directly (a position
    embedding). Legacy and PIR op/slot spellings are both understood.
-2. *Naming* for the two families this project imports, from the layer sequence alone (no counters):
+2. *Naming*, from the layer sequence alone (no counters), by the model's spec: its ``paddle_structure``
+   function. The built-in ones, :func:`pplcnetv2_names` and :func:`clip_vit_names`:
 
    - PP-LCNetV2 (ShiTu) + BNNeck: ``stem.0``, then blocks (a run of depthwise convs, optional SE = two
      biased 1×1 convs, then one or two 1×1 conv+BN), ``stem.1`` first and then ``stages.{s}.{i}``, a new stage
@@ -31,8 +32,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shitu.errors import ShituError
+from shitu.models.spec import resolve
 
 if TYPE_CHECKING:
+    from shitu.models.spec import ModelSpec
     from shitu.weights.paddle_inference import InferenceModel, Op
 
 _LEGACY_TYPES = {
@@ -238,7 +241,8 @@ class _Block:
     pws: list[Layer]
 
 
-def _pplcnet_names(model: InferenceModel, layers: list[Layer]) -> dict[str, str]:
+def pplcnetv2_names(model: InferenceModel, layers: list[Layer]) -> dict[str, str]:
+    """Structured names of a PP-LCNetV2 (ShiTu) + BNNeck program (module docstring)."""
     err = lambda msg: ShituError(f"not a PP-LCNetV2 (ShiTu) program: {msg}", path=model.program_file)  # noqa: E731
     shapes = {name: model.params[name].shape for name in model.params}
 
@@ -327,7 +331,8 @@ def _pplcnet_names(model: InferenceModel, layers: list[Layer]) -> dict[str, str]
 # ------------------------------------------------------------------------------------------------ CLIP ViT
 
 
-def _vit_names(model: InferenceModel, layers: list[Layer]) -> dict[str, str]:
+def clip_vit_names(model: InferenceModel, layers: list[Layer]) -> dict[str, str]:
+    """Structured names of a CLIP ViT + FC neck program (module docstring)."""
     err = lambda msg: ShituError(f"not a CLIP ViT program: {msg}", path=model.program_file)  # noqa: E731
     names: dict[str, str] = {}
     seq: list[Layer] = []
@@ -390,20 +395,41 @@ def _vit_names(model: InferenceModel, layers: list[Layer]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------- API
 
 
-def structured_names(model: InferenceModel) -> dict[str, str]:
-    """``{PaddleClas structured name: static parameter name}`` for the program's parameters."""
+def structured_names(model: InferenceModel, spec: ModelSpec | None = None) -> dict[str, str]:
+    """``{PaddleClas structured name: static parameter name}`` for the program's parameters, named by
+    ``spec.paddle_structure``; without a spec, by the first registered model whose ``paddle_structure``
+    accepts the program (each raises ShituError on a program that is not its model's)."""
     layers = extract_layers(model)
-    kinds = {layer.kind for layer in layers}
-    if "ln" in kinds:
-        names = _vit_names(model, layers)
-    elif "conv" in kinds:
-        names = _pplcnet_names(model, layers)
+    if spec is not None:
+        if spec.paddle_structure is None:
+            raise ShituError(f"model {spec.name} cannot read Paddle inference models", path=model.program_file)
+        names = resolve(spec.paddle_structure)(model, layers)
     else:
-        raise ShituError("unrecognised model structure (neither PP-LCNetV2 nor a ViT)", path=model.program_file)
+        names = _names_by_any_spec(model, layers)
     missing = used_parameters(model) - set(names.values())
     if missing:
         raise ShituError(f"could not name the parameters {', '.join(sorted(missing)[:5])}", path=model.program_file)
     return names
+
+
+def _names_by_any_spec(model: InferenceModel, layers: list[Layer]) -> dict[str, str]:
+    from shitu.plugins import get_host
+
+    refusals: list[str] = []
+    tried: set[str] = set()
+    for spec in get_host().models.values():
+        if spec.paddle_structure is None or spec.paddle_structure in tried:
+            continue
+        tried.add(spec.paddle_structure)
+        try:
+            return resolve(spec.paddle_structure)(model, layers)
+        except ShituError as exc:
+            refusals.append(exc.message)
+    raise ShituError(
+        "unrecognised model structure: no registered model reads this program",
+        path=model.program_file,
+        hint="; ".join(refusals[:3]) or None,
+    )
 
 
 def used_parameters(model: InferenceModel) -> set[str]:
@@ -412,6 +438,7 @@ def used_parameters(model: InferenceModel) -> set[str]:
     return read & set(model.params)
 
 
-def structured_state(model: InferenceModel) -> dict[str, np.ndarray]:
-    """The model's parameters keyed like a PaddleClas ``.pdparams`` (``backbone.…``, ``neck.…``)."""
-    return {key: model.params[static] for key, static in structured_names(model).items()}
+def structured_state(model: InferenceModel, spec: ModelSpec | None = None) -> dict[str, np.ndarray]:
+    """The model's parameters keyed like a PaddleClas ``.pdparams`` (``backbone.…``, ``neck.…``), named
+    as :func:`structured_names` does."""
+    return {key: model.params[static] for key, static in structured_names(model, spec).items()}
