@@ -44,6 +44,17 @@ class ImportReport:
 
 
 @dataclass(frozen=True)
+class TrainingRecipe:
+    """Everything training needs from a model plugin; each callable is a "module:function" reference."""
+
+    loss: str  # fn(model, images, labels, *, train: bool) -> (total, terms); terms["loss"] is total
+    train_transform: str  # fn(size: int, mean: tuple, std: tuple) -> picklable callable(image, rng) -> float32 HWC
+    parameter_groups: str | None = None  # fn(model) -> (no_decay, frozen): sets of nnx.state(model, nnx.Param) paths
+    weight_decay: float = 0.0
+    sampler: str = "shuffle"  # "pk" or "shuffle"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A registered model. ``builder``, ``paddle_importer`` and ``loss`` are ``"module:function"`` strings.
 
@@ -66,6 +77,7 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     resize_interpolation: str = "bilinear"
     arch: dict[str, Any] = field(default_factory=dict)
+    recipe: TrainingRecipe | None = None
 
     def build(self, num_classes: int, *, seed: int = 0, **overrides: Any) -> Any:
         """Build the NNX module with random initialisation (``seed``) and the spec's arch kwargs."""
