@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shitu import hookimpl
+from shitu.hub.sources import PublishedWeights
 from shitu.models.spec import ModelSpec
 
 
@@ -24,6 +25,7 @@ PP_SHITUV2_REC = ModelSpec(
     paddle_arch="shitu.builtin.models:pplcnet_arch_for_state",
     config="PP-ShiTuV2_rec",
     loss="shitu.train.losses:pplcnet_loss",
+    published=PublishedWeights.paddlex("PP-ShiTuV2_rec", approx_mb=16.3),
 )
 
 # PaddleClas trains and evaluates the CLIP models with bicubic resizing, but PaddleX's predictor resizes
@@ -35,6 +37,7 @@ CLIP_VIT_BASE = ModelSpec(
     paddle_importer="shitu.models.vit:import_paddle_state",
     config="PP-ShiTuV2_rec_CLIP_vit_base",
     loss="shitu.train.losses:clip_loss",
+    published=PublishedWeights.paddlex("PP-ShiTuV2_rec_CLIP_vit_base", approx_mb=306.6),
 )
 
 CLIP_VIT_LARGE = ModelSpec(
@@ -44,6 +47,7 @@ CLIP_VIT_LARGE = ModelSpec(
     paddle_importer="shitu.models.vit:import_paddle_state",
     config="PP-ShiTuV2_rec_CLIP_vit_large",
     loss="shitu.train.losses:clip_loss",
+    published=PublishedWeights.paddlex("PP-ShiTuV2_rec_CLIP_vit_large", approx_mb=1050),
 )
 
 
