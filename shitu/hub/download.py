@@ -108,7 +108,7 @@ def download(
     ends those messages. ``SHITU_OFFLINE=1`` makes this a ShituError before any connection is opened.
     """
     if offline():
-        raise ShituError(f"{what} is not in the cache and {OFFLINE_ENV} is set: not downloading {url}", hint=hint)
+        raise ShituError(f"{what} is not in the cache and {OFFLINE_ENV} is set: not downloading it", hint=hint)
     part = target.with_name(target.name + PART_SUFFIX)
     target.parent.mkdir(parents=True, exist_ok=True)
     failure = ""
