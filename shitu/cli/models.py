@@ -35,6 +35,7 @@ def list_models(json: bool) -> int:
     from shitu.hub import cached_files
     from shitu.models.info import model_facts
     from shitu.plugins import get_host
+    from shitu.runtime import cache_dir
 
     out = Output(json)
     report_broken_plugins(out)
@@ -52,22 +53,27 @@ def list_models(json: bool) -> int:
     table.add_column("model", no_wrap=True)
     for column in ("parameters", "input", "embedding", "GFLOPs"):
         table.add_column(column, justify="right")
-    table.add_column("cached")
+    any_cached = any(cached.values())
+    if any_cached:  # only then: the table keeps its width otherwise
+        table.add_column("cached")
     for f in facts:
-        here = ", ".join(f"{c.kind} {_size(c.size)}" for c in cached[f.name]) or "-"
-        table.add_row(
-            escape(f.name), f"{f.parameters / 1e6:.2f}M", f"{f.input_size}²", str(f.embedding_size),
-            f"{f.gflops:.2f}", escape(here),
-        )  # fmt: skip
+        row = [
+            escape(f.name), f"{f.parameters / 1e6:.2f}M", f"{f.input_size}²", str(f.embedding_size), f"{f.gflops:.2f}"
+        ]  # fmt: skip
+        if any_cached:
+            row.append(escape(", ".join(f"{c.kind} {_size(c.size)}" for c in cached[f.name]) or "-"))
+        table.add_row(*row)
     out.render(table)
-    files = [c for name in sorted(cached) for c in cached[name]]
-    if files:
-        where = Table(title="cached weights", title_justify="left")
-        for column in ("file", "size", "sha256", "source"):
-            where.add_column(column, overflow="fold")
-        for c in files:
+    if not any_cached:
+        out.info(f"No weights cached in {escape(str(cache_dir()))} yet ('shitu models pull NAME' fetches them).")
+        return 0
+    where = Table(title="cached weights", title_justify="left")
+    for column in ("file", "size", "sha256", "source"):
+        where.add_column(column, overflow="fold")
+    for name in sorted(cached):
+        for c in cached[name]:
             where.add_row(escape(str(c.path)), _size(c.size), c.sha256[:16] or "-", escape(c.url))
-        out.render(where)
+    out.render(where)
     return 0
 
 
