@@ -6,6 +6,7 @@ and it honours the usual proxy variables, so no HTTP client dependency is added 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -27,7 +28,7 @@ RETRIES = 5
 #: The first wait between attempts; it doubles each time, up to :data:`MAX_BACKOFF_SECONDS`.
 BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 20  # at most this much is read (and written) at once
 PART_SUFFIX = ".part"
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -171,26 +172,35 @@ def _attempt(url: str, part: Path, *, expected_size: int | None, progress: Progr
             raise ShituError(f"{url} is {total} bytes, not the expected {expected_size}: refused")
         done = offset
         try:
-            with open(part, "ab" if offset else "wb") as handle:
+            # unbuffered: whatever arrived is on disk (for the next attempt to resume) even after a kill -9
+            handle = open(part, "ab" if offset else "wb", buffering=0)  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise ShituError(f"cannot write the download: {exc.strerror or exc}", path=part) from None
+        with handle:
+            if progress:
+                progress(done, total)
+            while total is None or done < total:
+                try:
+                    block = response.read1(CHUNK_BYTES)  # what has arrived, so progress and resumption are fine
+                except (OSError, HTTPException) as exc:  # a dropped connection or a timeout: resume from here
+                    raise _Retry(f"the connection broke after {done} bytes ({exc.__class__.__name__})") from None
+                if not block:
+                    break
+                try:
+                    view = memoryview(block)
+                    while view:  # a raw file may take part of a block
+                        written = handle.write(view)
+                        if not written:
+                            raise OSError("the file took no bytes")
+                        view = view[written:]
+                except OSError as exc:  # a full disk is not fixed by trying again
+                    raise ShituError(f"cannot write the download: {exc.strerror or exc}", path=part) from None
+                done += len(block)
                 if progress:
                     progress(done, total)
-                while True:
-                    block = response.read(CHUNK_BYTES)
-                    if not block:
-                        break
-                    handle.write(block)
-                    done += len(block)
-                    if total is not None and done > total:
-                        break
-                    if progress:
-                        progress(done, total)
-                handle.flush()
+            with contextlib.suppress(OSError):
                 os.fsync(handle.fileno())
-        except (OSError, HTTPException) as exc:  # a dropped connection or a timeout: resume from what arrived
-            raise _Retry(f"the connection broke after {done} bytes ({exc.__class__.__name__})") from None
     if total is None:
         return  # nothing to check the length against; the digest checks below still apply
     if done < total:
         raise _Retry(f"the connection closed after {done} of {total} bytes")
-    if done > total:
-        raise ShituError(f"{url} sent more than the {total} bytes it announced: refused")

@@ -98,7 +98,10 @@ def _published(spec: Any) -> PublishedWeights:
 def _locked(name: str) -> Iterator[Path]:
     """Hold model ``name``'s download lock (``fileio._directory_lock`` on its downloads folder)."""
     folder = downloads_path(name)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShituError(f"cannot create the model cache: {exc.strerror or exc}", path=folder) from None
     with _directory_lock(folder):
         _remove_leftovers(name)
         yield folder
