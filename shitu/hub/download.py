@@ -11,11 +11,8 @@ import hashlib
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
 
 from shitu.errors import ShituError
@@ -145,6 +142,10 @@ def download(
 
 def _attempt(url: str, part: Path, *, expected_size: int | None, progress: Progress | None) -> None:
     """One GET, resuming ``part`` when it holds bytes; returns once ``part`` is complete."""
+    import urllib.error
+    import urllib.request
+    from http.client import HTTPException
+
     from shitu import __version__
 
     offset = part.stat().st_size if part.is_file() else 0
