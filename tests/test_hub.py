@@ -9,6 +9,7 @@ the tiny Paddle fixtures in tests/fixtures/paddle/PP-ShiTuV2_rec/.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -44,15 +45,13 @@ ARCH = MANIFEST["models"]["PP-ShiTuV2_rec"]["arch"]
 
 
 def tiny_spec(**published: object) -> ModelSpec:
-    """PP-ShiTuV2_rec at the fixtures' size, publishing its weights where PaddleX would."""
-    return ModelSpec(
+    """PP-ShiTuV2_rec at the fixtures' size (its other hooks as registered), publishing where PaddleX would."""
+    from shitu.plugins import get_host
+
+    return dataclasses.replace(
+        get_host().model("PP-ShiTuV2_rec"),
         name=NAME,
         description="tiny PP-ShiTuV2_rec of the Paddle fixtures",
-        builder="shitu.models.pplcnetv2:build_pp_shituv2_rec",
-        paddle_importer="shitu.models.pplcnetv2:import_paddle_state",
-        paddle_arch="shitu.builtin.models:pplcnet_arch_for_state",
-        config="PP-ShiTuV2_rec",
-        loss="shitu.train.losses:pplcnet_loss",
         embedding_size=ARCH["class_expand"],
         input_size=ARCH["input_size"],
         arch={"scale": ARCH["scale"], "embedding_size": ARCH["class_expand"]},

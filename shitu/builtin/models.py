@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import shitu.hub.sources as published_weights
 from shitu import hookimpl
-from shitu.hub.sources import PublishedWeights
 from shitu.models.spec import ModelSpec
 
 
@@ -20,12 +20,12 @@ def pplcnet_arch_for_state(state: Mapping[str, Any]) -> dict[str, Any]:
 PP_SHITUV2_REC = ModelSpec(
     name="PP-ShiTuV2_rec",
     description="PP-LCNetV2_base (ShiTu variant) + BNNeck(512); training head FC; CE(ε 0.1) + triplet angular loss",
+    published=published_weights.PublishedWeights.paddlex("PP-ShiTuV2_rec", approx_mb=16.3),
     builder="shitu.models.pplcnetv2:build_pp_shituv2_rec",
     paddle_importer="shitu.models.pplcnetv2:import_paddle_state",
     paddle_arch="shitu.builtin.models:pplcnet_arch_for_state",
     config="PP-ShiTuV2_rec",
     loss="shitu.train.losses:pplcnet_loss",
-    published=PublishedWeights.paddlex("PP-ShiTuV2_rec", approx_mb=16.3),
 )
 
 # PaddleClas trains and evaluates the CLIP models with bicubic resizing, but PaddleX's predictor resizes
@@ -33,21 +33,21 @@ PP_SHITUV2_REC = ModelSpec(
 CLIP_VIT_BASE = ModelSpec(
     name="PP-ShiTuV2_rec_CLIP_vit_base",
     description="CLIP ViT-B/16 at 224 + FC(512) neck; training head ArcMargin(m 0.2, s 30)",
+    published=published_weights.PublishedWeights.paddlex("PP-ShiTuV2_rec_CLIP_vit_base", approx_mb=306.6),
     builder="shitu.models.vit:build_clip_vit_base",
     paddle_importer="shitu.models.vit:import_paddle_state",
     config="PP-ShiTuV2_rec_CLIP_vit_base",
     loss="shitu.train.losses:clip_loss",
-    published=PublishedWeights.paddlex("PP-ShiTuV2_rec_CLIP_vit_base", approx_mb=306.6),
 )
 
 CLIP_VIT_LARGE = ModelSpec(
     name="PP-ShiTuV2_rec_CLIP_vit_large",
     description="CLIP ViT-L/14 at 224 + FC(512) neck; training head ArcMargin(m 0.2, s 30)",
+    published=published_weights.PublishedWeights.paddlex("PP-ShiTuV2_rec_CLIP_vit_large", approx_mb=1050),
     builder="shitu.models.vit:build_clip_vit_large",
     paddle_importer="shitu.models.vit:import_paddle_state",
     config="PP-ShiTuV2_rec_CLIP_vit_large",
     loss="shitu.train.losses:clip_loss",
-    published=PublishedWeights.paddlex("PP-ShiTuV2_rec_CLIP_vit_large", approx_mb=1050),
 )
 
 
