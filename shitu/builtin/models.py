@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import shitu.hub.sources as published_weights
 from shitu import hookimpl
 from shitu.models import pplcnetv2_recipe, vit_recipe
 from shitu.models.spec import ModelSpec
@@ -20,6 +21,7 @@ def pplcnet_arch_for_state(state: Mapping[str, Any]) -> dict[str, Any]:
 PP_SHITUV2_REC = ModelSpec(
     name="PP-ShiTuV2_rec",
     description="PP-LCNetV2_base (ShiTu variant) + BNNeck(512); training head FC; CE(ε 0.1) + triplet angular loss",
+    published=published_weights.PublishedWeights.paddlex("PP-ShiTuV2_rec", approx_mb=16.3),
     builder="shitu.models.pplcnetv2:build_pp_shituv2_rec",
     paddle_importer="shitu.models.pplcnetv2:import_paddle_state",
     paddle_arch="shitu.builtin.models:pplcnet_arch_for_state",
@@ -33,6 +35,7 @@ PP_SHITUV2_REC = ModelSpec(
 CLIP_VIT_BASE = ModelSpec(
     name="PP-ShiTuV2_rec_CLIP_vit_base",
     description="CLIP ViT-B/16 at 224 + FC(512) neck; training head ArcMargin(m 0.2, s 30)",
+    published=published_weights.PublishedWeights.paddlex("PP-ShiTuV2_rec_CLIP_vit_base", approx_mb=306.6),
     builder="shitu.models.vit:build_clip_vit_base",
     paddle_importer="shitu.models.vit:import_paddle_state",
     paddle_structure="shitu.weights.structure:clip_vit_names",
@@ -43,6 +46,7 @@ CLIP_VIT_BASE = ModelSpec(
 CLIP_VIT_LARGE = ModelSpec(
     name="PP-ShiTuV2_rec_CLIP_vit_large",
     description="CLIP ViT-L/14 at 224 + FC(512) neck; training head ArcMargin(m 0.2, s 30)",
+    published=published_weights.PublishedWeights.paddlex("PP-ShiTuV2_rec_CLIP_vit_large", approx_mb=1050),
     builder="shitu.models.vit:build_clip_vit_large",
     paddle_importer="shitu.models.vit:import_paddle_state",
     paddle_structure="shitu.weights.structure:clip_vit_names",

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Any
 
+from shitu.hub.sources import PublishedWeights
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -96,6 +98,7 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     resize_interpolation: str = "bilinear"
     arch: dict[str, Any] = field(default_factory=dict)
+    published: PublishedWeights | None = None
 
     def build(self, num_classes: int, *, seed: int = 0, **overrides: Any) -> Any:
         """Build the NNX module with random initialisation (``seed``) and the spec's arch kwargs."""
