@@ -203,6 +203,7 @@ def trainer_rate(batch: int, size: int, epochs: int, device: str) -> dict:
             "Train.input_size": size,
             "Train.epochs_iters": epochs,
             "Train.eval_interval": epochs,
+            "Train.pretrain_weight_path": None,
             "Global.device": device,
         },
     )

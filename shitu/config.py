@@ -38,6 +38,8 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 _TRUE = frozenset({"true", "True", "TRUE"})
 _FALSE = frozenset({"false", "False", "FALSE"})
 _NULL = frozenset({"", "~", "null", "Null", "NULL"})
+#: Keys whose default is text but that may be set to null (``-o Train.pretrain_weight_path=null``: no weights).
+NULLABLE_TEXT_KEYS = frozenset({"Train.pretrain_weight_path"})
 _INT_RE = re.compile(r"[-+]?[0-9]+")
 _FLOAT_RE = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
@@ -516,7 +518,7 @@ def _coerce_text(key: str, label: str, text: str, proto: Any) -> Any:
     """Convert override ``text`` to a value of the type of ``proto`` (the key's default)."""
     stripped = text.strip()
     if isinstance(proto, str):
-        return text
+        return None if key in NULLABLE_TEXT_KEYS and stripped in _NULL else text
     if isinstance(proto, list):
         if not stripped.startswith("["):
             raise _bad_value(key, label, proto, f"{text!r} (write a list as [a, b, ...])")
@@ -558,6 +560,8 @@ def _coerce_value(
         if isinstance(value, float) and math.isfinite(value):
             return value
         raise _bad_value(key, label, proto, got)
+    if value is None and key in NULLABLE_TEXT_KEYS and isinstance(proto, str):
+        return None
     if value is None:
         raise ShituError(f"invalid override {label!r}: {key!r} can't be null (it expects {_expected(proto)})")
     if isinstance(proto, bool):

@@ -30,6 +30,14 @@ class CliResult:
 
 
 @pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test downloads published weights: a model name without installed weights is a clear error, never a
+    request leaving the machine (tests of the downloader serve files on 127.0.0.1 and lift this)."""
+    monkeypatch.setenv("SHITU_OFFLINE", "1")
+    monkeypatch.delenv("SHITU_MODEL_MIRROR", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_plugin_host():
     reset_host()
     yield

@@ -45,7 +45,7 @@ SCHEMA: dict[str, type] = {
     "Train.weight_decay": NONE,
     "Train.input_size": int,
     "Train.sample_per_id": int,
-    "Train.pretrain_weight_path": NONE,
+    "Train.pretrain_weight_path": str,
     "Train.log_interval": int,
     "Train.eval_interval": int,
     "Train.save_interval": int,

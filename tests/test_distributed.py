@@ -181,7 +181,9 @@ def test_cli_refuses_incomplete_distributed_flags(clean_env, cli):
     from shitu.data.demo import demo_dataset_path
 
     dataset = demo_dataset_path()
-    done = cli("eval", "--model", "PP-ShiTuV2_rec", "--dataset", dataset, "--coordinator", "127.0.0.1:1234")
+    done = cli(
+        "eval", "--model", "PP-ShiTuV2_rec", "--random-weights", "--dataset", dataset, "--coordinator", "127.0.0.1:1234"
+    )
     assert done.code != 0
     assert done.stderr.count("\n") == 1 and "together" in done.stderr
     done = cli("index", "build", "--model-dir", ".", "--gallery", ".", "--output", "x", "--distributed")

@@ -211,7 +211,7 @@ def test_model_name_means_random_weights_and_warns(cli, demo_copy, tmp_path, mon
 
     monkeypatch.setattr(shitu.embed.recognizer, "load_recognizer", fake_load)
     result = cli(
-        "eval", "--model", "PP-ShiTuV2_rec", "--dataset", demo_copy, "--output", tmp_path / "out",
+        "eval", "--model", "PP-ShiTuV2_rec", "--random-weights", "--dataset", demo_copy, "--output", tmp_path / "out",
         "-o", "Train.input_size=48", "--json",
     )  # fmt: skip
     assert result.code == 0, result.stderr

@@ -637,3 +637,56 @@ def test_kill_during_fetch_and_import(server, tmp_path):
     assert not list((cache() / "hub" / NAME).glob(".extract-*"))
     resumed = [h for h in server.gets(INFERENCE_PATH) if h]
     print(f"kills: {outcomes}, resumed downloads: {len(resumed)}, requests: {len(server.gets(INFERENCE_PATH))}")
+
+
+# -- a name on first use: predict, index build, eval; training's default weights ---------------------
+
+
+def test_a_model_name_fetches_its_published_model_on_first_use(server, cli, tmp_path, monkeypatch):
+    """``create_model(NAME)`` installs the published inference model, then the commands load it offline."""
+    from conftest import write_image
+
+    from shitu.embed.predict import create_model
+
+    register_tiny()
+    predictor = create_model(NAME)
+    assert predictor.describe()["bundle"] == str(cache() / "models" / NAME)
+    assert_matches_paddle(features(cache() / "models" / NAME))
+    monkeypatch.setenv("SHITU_OFFLINE", "1")  # from here on the cache alone
+    for name, color in (("red.png", (200, 30, 30)), ("blue.png", (30, 30, 200))):
+        write_image(tmp_path / "photos" / name, color=color, fmt="PNG")
+    (tmp_path / "photos" / "gallery.txt").write_text("red.png 0\nblue.png 1\n")
+    done = cli("predict", "--model", NAME, "--json", tmp_path / "photos" / "red.png")
+    assert done.code == 0, done.stderr
+    feature = np.asarray(done.json_lines()[0]["feature"])
+    assert abs(np.linalg.norm(feature) - 1) < 1e-5 and "RANDOM" not in done.stderr
+    built = cli("index", "build", "--model", NAME, "--gallery", tmp_path / "photos" / "gallery.txt",
+                "--output", tmp_path / "index", "--json")  # fmt: skip
+    assert built.code == 0, built.stderr
+    assert built.json()["count"] == 2
+    assert len(server.requests) == 1  # one download in all
+
+
+def test_training_starts_from_the_published_weights_by_default(server, tmp_path):
+    """``Train.pretrain_weight_path`` holds PaddleX's URL by default: it is fetched (through the mirror) and
+    cached; ``null`` means random weights."""
+    from shitu.config import load_config
+    from shitu.data.demo import demo_dataset_path
+    from shitu.train.settings import TrainSettings
+
+    spec = register_tiny()
+    assert (
+        load_config("PP-ShiTuV2_rec")
+        .get("Train.pretrain_weight_path")
+        .endswith("/official_pretrained_model/PP-ShiTuV2_rec_pretrained.pdparams")
+    )
+    config = load_config(
+        "PP-ShiTuV2_rec", {"Global.model": NAME, "Train.pretrain_weight_path": spec.published.pretrained_url}
+    )
+    settings = TrainSettings.from_config(config, output=tmp_path / "run", dataset_dir=demo_dataset_path())
+    assert settings.pretrained is not None and settings.pretrained.read_bytes() == server.files[PRETRAINED_PATH]
+    assert server.gets(PRETRAINED_PATH) == [None]
+    config = load_config("PP-ShiTuV2_rec", ["Global.model=" + NAME, "Train.pretrain_weight_path=null"])
+    assert (
+        TrainSettings.from_config(config, output=tmp_path / "run", dataset_dir=demo_dataset_path()).pretrained is None
+    )

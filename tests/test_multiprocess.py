@@ -49,8 +49,9 @@ TINY = {
     "Train.save_interval": EPOCHS,
     "Evaluate.batch_size": 16,
     "Global.device": "cpu",
+    "Train.pretrain_weight_path": None,  # random weights: the published ones are not downloaded in tests
 }
-TINY_CLI = [arg for key, value in TINY.items() for arg in ("-o", f"{key}={value}")]
+TINY_CLI = [arg for key, value in TINY.items() for arg in ("-o", f"{key}={'null' if value is None else value}")]
 TIMEOUT_S = 900
 
 

@@ -297,7 +297,7 @@ def test_create_model_by_name_uses_an_installed_bundle_else_warns_random(
     monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
     assert installed_bundle("PP-ShiTuV2_rec") is None
     with pytest.warns(RandomWeightsWarning, match="RANDOM weights"):
-        random_model = create_model("PP-ShiTuV2_rec", input_size=SIZE)
+        random_model = create_model("PP-ShiTuV2_rec", input_size=SIZE, pretrained=False)
     assert random_model.describe()["bundle"] is None and random_model.describe()["input_size"] == SIZE
     # the bundle holds that very network (seed 0): the round trip through Orbax changed nothing
     image = photos / "a" / "one.png"
@@ -313,6 +313,9 @@ def test_create_model_by_name_uses_an_installed_bundle_else_warns_random(
     assert fast_loads[-1] == installed and found.describe()["input_size"] == SIZE
     with pytest.raises(ShituError):
         create_model("no-such-model")
+    shutil.rmtree(installed)  # offline, a name with published weights and none installed is a clear error
+    with pytest.raises(ShituError, match="SHITU_OFFLINE"):
+        create_model("PP-ShiTuV2_rec")
 
 
 def test_the_api_is_importable_from_the_package_root():
@@ -396,7 +399,9 @@ def test_cli_json_lines_match_the_python_api_and_report_failures(
 
 def test_cli_for_people_and_random_weights_warning(cli, fast_loads, model, photos, tmp_path, monkeypatch):
     monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path))
-    run = cli("predict", "--model", "PP-ShiTuV2_rec", "--input-size", str(SIZE), photos / "five.webp")
+    run = cli(
+        "predict", "--model", "PP-ShiTuV2_rec", "--random-weights", "--input-size", str(SIZE), photos / "five.webp"
+    )
     assert run.code == 0, run.stderr
     assert run.stdout == ""  # people's output is on stderr
     assert "RANDOM weights" in run.stderr and "five.webp" in run.stderr and "1.00000" in run.stderr
@@ -404,7 +409,7 @@ def test_cli_for_people_and_random_weights_warning(cli, fast_loads, model, photo
     assert cli("predict", photos).code != 0  # neither --model nor --model-dir
     empty = tmp_path / "empty"
     empty.mkdir()
-    run = cli("predict", "--model", "PP-ShiTuV2_rec", empty)
+    run = cli("predict", "--model", "PP-ShiTuV2_rec", "--random-weights", empty)
     assert run.code == 1 and "no images in this folder" in run.stderr and "no images to predict" in run.stderr
 
 

@@ -42,8 +42,9 @@ TINY = {
     "Train.eval_interval": 2,
     "Evaluate.batch_size": 32,
     "Global.device": "cpu",
+    "Train.pretrain_weight_path": None,  # random weights: the published ones are not downloaded in tests
 }
-TINY_CLI = [arg for key, value in TINY.items() for arg in ("-o", f"{key}={value}")]
+TINY_CLI = [arg for key, value in TINY.items() for arg in ("-o", f"{key}={'null' if value is None else value}")]
 
 
 def _subset(root: Path) -> Path:

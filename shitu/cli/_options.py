@@ -23,3 +23,18 @@ ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model whose con
 OutputDirOption = Annotated[
     Path | None, typer.Option("--output", help="Folder for results (default: Global.output, 'output').")
 ]
+ModelNameOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="A registered model name: its installed bundle (shitu's cache, models/NAME), else its published "
+        "weights, downloaded and installed on first use (see 'shitu models').",
+    ),
+]
+RandomWeightsOption = Annotated[
+    bool,
+    typer.Option(
+        "--random-weights", help="With --model NAME: build the network with random weights instead (no download)."
+    ),
+]

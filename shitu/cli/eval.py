@@ -15,7 +15,7 @@ from shitu.cli._distributed import (
     ProcessIdOption,
     join,
 )
-from shitu.cli._options import JsonOption, OverrideOption
+from shitu.cli._options import JsonOption, ModelNameOption, OverrideOption, RandomWeightsOption
 from shitu.cli._output import Output
 from shitu.errors import ShituError
 
@@ -26,14 +26,8 @@ def eval_command(
     model_dir: Annotated[
         Path | None, typer.Option("--model-dir", help="Model bundle to evaluate (from train or import-weights).")
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="A registered model: its installed bundle (shitu's cache, models/NAME), else RANDOM weights.",
-        ),
-    ] = None,
+    model: ModelNameOption = None,
+    random_weights: RandomWeightsOption = False,
     dataset: Annotated[
         Path | None,
         typer.Option("--dataset", help="ShiTuRecDataset root with gallery.txt and query.txt (or Global.dataset_dir)."),
@@ -104,6 +98,7 @@ def eval_command(
             examples=examples,
             input_size=input_size,
             overrides=list(override or []),
+            pretrained=not random_weights,
             primary=primary,
             progress=progress,
         )

@@ -16,7 +16,7 @@ from shitu.cli._distributed import (
     ProcessIdOption,
     join,
 )
-from shitu.cli._options import JsonOption
+from shitu.cli._options import JsonOption, ModelNameOption, RandomWeightsOption
 from shitu.cli._output import Output
 from shitu.cli._shared import shown_warnings as _shown_warnings
 from shitu.errors import ShituError
@@ -52,11 +52,15 @@ InputsArgument = Annotated[
 
 @index_app.command("build")
 def build(
-    model_dir: Annotated[Path, typer.Option("--model-dir", help="The model bundle that embeds the gallery.")],
     gallery: Annotated[
         Path, typer.Option("--gallery", help="A '<path> <label>' list (e.g. DATASET/gallery.txt) or a dataset folder.")
     ],
     output: Annotated[Path, typer.Option("--output", help="The index folder to write.")],
+    model_dir: Annotated[
+        Path | None, typer.Option("--model-dir", help="The model bundle that embeds the gallery.")
+    ] = None,
+    model: ModelNameOption = None,
+    random_weights: RandomWeightsOption = False,
     dtype: Annotated[IndexDtype, typer.Option("--dtype", help="How vectors are stored.")] = IndexDtype.f32,
     batch_size: BatchSizeOption = 32,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index.")] = False,
@@ -85,6 +89,8 @@ def build(
             gallery,
             output,
             model_dir=model_dir,
+            model=model,
+            pretrained=not random_weights,
             dtype=dtype.value,
             batch_size=batch_size,
             overwrite=overwrite,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from shitu.cli._options import JsonOption
+from shitu.cli._options import JsonOption, ModelNameOption, RandomWeightsOption
 from shitu.cli._output import Output
 from shitu.errors import ShituError
 
@@ -25,14 +25,8 @@ def predict(
             "(one per line, relative to the list), http(s) URLs, or '-' to read paths from stdin.",
         ),
     ],
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="A model name: its installed bundle (in shitu's cache, models/NAME), else RANDOM weights.",
-        ),
-    ] = None,
+    model: ModelNameOption = None,
+    random_weights: RandomWeightsOption = False,
     model_dir: Annotated[
         Path | None, typer.Option("--model-dir", help="A model bundle folder (shitu import-weights / train).")
     ] = None,
@@ -91,7 +85,7 @@ def predict(
     configure_jax()
     with shown_warnings(out):
         chosen: str | Path = model_dir if model_dir is not None else str(model)
-        predictor = create_model(chosen, index=index, input_size=input_size, topk=topk)
+        predictor = create_model(chosen, index=index, input_size=input_size, topk=topk, pretrained=not random_weights)
     out.info(_model_line(predictor))
 
     failures: list[Any] = []

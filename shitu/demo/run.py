@@ -56,6 +56,7 @@ class Budget:
             f"Train.learning_rate={self.learning_rate}",
             f"Train.warmup_steps={self.warmup_epochs}",
             f"Train.model_scale={self.model_scale}",
+            "Train.pretrain_weight_path=null",  # the demo trains offline: bundled starting weights or random ones
         ]
 
 

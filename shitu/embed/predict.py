@@ -392,17 +392,20 @@ def create_model(
     input_size: int | None = None,
     topk: int = DEFAULT_TOPK,
     seed: int = 0,
+    pretrained: bool = True,
 ) -> Predictor:
     """A :class:`Predictor` for ``model``: a bundle folder, or a registered model name.
 
-    A name first looks for an installed bundle at ``shitu.runtime.cache_dir()/models/NAME``; without one
-    the network is built with random weights (``seed``) and a :class:`RandomWeightsWarning` is issued.
+    A name loads the bundle installed at ``shitu.runtime.cache_dir()/models/NAME``; without one, the model's
+    published weights (PaddleX's inference model for the built-in models) are downloaded, imported and
+    installed there first. ``pretrained=False`` (or a model that publishes no weights) builds the network with
+    random weights (``seed``) and issues a :class:`RandomWeightsWarning`.
     ``input_size`` overrides the size images are resized to (default: the bundle's, else the model's).
     ``index``: an index folder or an object with ``search`` (see :class:`Predictor`).
     """
     from shitu.embed.resolve import resolve_model
 
-    recognizer = resolve_model(model, input_size=input_size, seed=seed)
+    recognizer = resolve_model(model, input_size=input_size, seed=seed, pretrained=pretrained)
     searchable = open_index_for(index, recognizer) if index is not None else None
     return Predictor(recognizer, index=searchable, topk=topk)
 

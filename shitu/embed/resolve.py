@@ -5,7 +5,9 @@ A model reference is one of:
 - a bundle folder (``shitu train`` / ``shitu import-weights`` make one): any path that exists, or that
   contains a path separator or starts with '.';
 - a registered model name (``PP-ShiTuV2_rec``...): the bundle installed for it at
-  ``shitu.runtime.cache_dir()/models/NAME`` (:func:`installed_bundle`), else the network with random
+  ``shitu.runtime.cache_dir()/models/NAME`` (:func:`installed_bundle`); else, when its spec names published
+  weights, those weights fetched, imported and installed there first (:func:`shitu.hub.ensure_inference_bundle`:
+  a clear error offline or when unreachable); else, or with ``pretrained=False``, the network with random
   weights and a :class:`RandomWeightsWarning` (see :func:`_without_installed_weights`).
 
 This module imports neither JAX nor numpy; the loaders are imported when a model is loaded.
@@ -48,13 +50,26 @@ def installed_bundle(name: str) -> Path | None:
     return folder if (folder / INFO_FILE).is_file() else None
 
 
-def locate_model(reference: str | os.PathLike[str]) -> Path | str:
-    """The bundle folder ``reference`` stands for (given, or installed for a registered name), or the
-    registered name itself when no bundle is installed for it."""
+def locate_model(reference: str | os.PathLike[str], *, pretrained: bool = True) -> Path | str:
+    """The bundle folder ``reference`` stands for (given; installed for a registered name; or the name's
+    published weights, fetched and installed now), or the registered name itself for random weights: with
+    ``pretrained=False``, or when the model publishes no weights and none are installed."""
     if is_path_reference(reference):
         return Path(reference)
     name = os.fspath(reference)
-    return installed_bundle(name) or name
+    if not pretrained:
+        return name
+    installed = installed_bundle(name)
+    if installed is not None:
+        return installed
+    from shitu.plugins import get_host
+
+    spec = get_host().model(name)  # an unknown name is a ShituError listing the registered ones
+    if spec.published is None or not spec.published.inference_url:
+        return name
+    from shitu.hub import ensure_inference_bundle
+
+    return ensure_inference_bundle(spec)
 
 
 def resolve_model(
@@ -64,14 +79,16 @@ def resolve_model(
     seed: int = 0,
     num_classes: int | None = None,
     host: Any | None = None,
+    pretrained: bool = True,
 ) -> Recognizer:
     """The :class:`~shitu.embed.recognizer.Recognizer` of ``reference`` (a bundle folder or a registered
     model name, see the module's docstring). ``input_size`` overrides the size images are resized to
     (default: the bundle's, else the model's); ``seed`` and ``num_classes`` only matter for a name without
-    an installed bundle. A ShituError for a missing or damaged bundle and for an unknown name."""
+    an installed bundle. ``pretrained=False`` builds a name with random weights on purpose. A ShituError for a
+    missing or damaged bundle, an unknown name, and published weights that cannot be fetched."""
     from shitu.embed import recognizer
 
-    located = locate_model(reference)
+    located = locate_model(reference, pretrained=pretrained)
     if isinstance(located, Path):
         return recognizer.load_recognizer(located, input_size=input_size, host=host)
     return _without_installed_weights(located, input_size=input_size, seed=seed, num_classes=num_classes, host=host)
@@ -82,30 +99,31 @@ def _without_installed_weights(
 ) -> Recognizer:
     """A registered model that has no bundle installed: THE one place this case is handled.
 
-    Today: the network with random weights (``seed``) and a :class:`RandomWeightsWarning`. Installing the
-    published weights first (into ``installed_bundle``'s folder) and loading them belongs here.
+    The network with random weights (``seed``) and a :class:`RandomWeightsWarning`.
     """
     from shitu.embed import recognizer
-    from shitu.runtime import cache_dir
 
     loaded = recognizer.load_recognizer(name, input_size=input_size, seed=seed, num_classes=num_classes, host=host)
     warnings.warn(
         RandomWeightsWarning(
-            f"{name} has RANDOM weights (no bundle installed at {cache_dir() / 'models' / name}): its features "
-            "are meaningless for recognition; pass a bundle folder (shitu import-weights / shitu train make one)"
+            f"{name} has RANDOM weights: its features are meaningless for recognition; pass a bundle folder "
+            "(shitu train / shitu import-weights make one) or, for a model that publishes weights, leave out "
+            "--random-weights (pretrained=False)"
         ),
         stacklevel=3,
     )
     return loaded
 
 
-def model_config(reference: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+def model_config(
+    reference: str | os.PathLike[str], overrides: Sequence[str] = (), *, pretrained: bool = True
+) -> Config:
     """The config of ``reference`` with ``-o`` style ``overrides`` applied: the bundle's own config file
     (or its model's config when it has none), or the registered model's config."""
     from shitu.config import load_config
     from shitu.models.bundle import CONFIG_FILE, read_bundle_info
 
-    located = locate_model(reference)
+    located = locate_model(reference, pretrained=pretrained)
     if not isinstance(located, Path):
         return load_config(located, list(overrides))
     if (located / CONFIG_FILE).is_file():

@@ -202,6 +202,7 @@ def evaluate_model(
     examples: int = 0,
     input_size: int | None = None,
     overrides: Sequence[str] = (),
+    pretrained: bool = True,
     primary: bool = True,
     progress: Progress | None = None,
 ) -> ModelEvaluation:
@@ -213,11 +214,12 @@ def evaluate_model(
     (``Evaluate.batch_size``), PaddleX's block size (``Evaluate.sim_block_size``) and, when an override sets
     it, the input size (``Train.input_size``). The dataset's lists are read before the model is loaded (a
     bad line fails at once). ``examples``: draw that many queries with their matches to
-    ``OUTPUT/examples.png``. Only process 0 (``primary``) draws and writes.
+    ``OUTPUT/examples.png``. Only process 0 (``primary``) draws and writes. ``pretrained=False``: a model
+    name gets random weights instead of its installed or published ones.
     """
     from shitu.embed.resolve import model_config, resolve_model
 
-    config = model_config(reference, overrides)
+    config = model_config(reference, overrides, pretrained=pretrained)
     dataset_dir = dataset if dataset is not None else config.get("Global.dataset_dir", None)
     if dataset_dir is None:
         raise ShituError("no dataset: give --dataset DIR (or -o Global.dataset_dir=DIR)")
@@ -226,7 +228,7 @@ def evaluate_model(
     size = input_size
     if size is None and any(item.split("=", 1)[0].strip() == "Train.input_size" for item in overrides):
         size = config.get("Train.input_size")  # set explicitly; else the model's (or bundle's) own
-    recognizer = resolve_model(reference, input_size=size)
+    recognizer = resolve_model(reference, input_size=size, pretrained=pretrained)
     result = evaluate_dataset(
         recognizer,
         Path(dataset_dir),

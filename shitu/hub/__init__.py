@@ -18,6 +18,7 @@ _LAZY = {
     "downloads_path": "shitu.hub.store",
     "ensure_inference_bundle": "shitu.hub.store",
     "published_training_weights": "shitu.hub.store",
+    "training_weights_from_url": "shitu.hub.store",
 }
 
 __all__ = ["PublishedWeights", "mirrored", *_LAZY]

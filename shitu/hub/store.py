@@ -292,12 +292,27 @@ def published_training_weights(spec_or_name: Any, *, show_progress: bool = True)
     published = _published(spec)
     if not published.pretrained_url:
         raise ShituError(f"model {spec.name} publishes no training weights")
-    file_name = published.pretrained_url.rsplit("/", 1)[-1] or f"{spec.name}_pretrained.pdparams"
+    return training_weights_from_url(spec, published.pretrained_url, show_progress=show_progress)
+
+
+def training_weights_from_url(spec_or_name: Any, url: str, *, show_progress: bool = True) -> Path:
+    """Training weights (a ``.pdparams`` or other weight file) at ``url``, cached beside the model's other
+    downloads: what ``Train.pretrain_weight_path`` means when it is an http(s) URL, as in PaddleX's configs.
+
+    The model's published training weights keep their published size and sha256 checks; ``SHITU_MODEL_MIRROR``
+    applies to every URL. Cached files are checked as for :func:`published_training_weights`.
+    """
+    spec = _spec(spec_or_name)
+    published = spec.published
+    is_published = published is not None and url == published.pretrained_url
+    expected_size = published.pretrained_size if is_published else None
+    expected_sha256 = published.pretrained_sha256 if is_published else None
+    file_name = _plain_name(url.rsplit("/", 1)[-1].split("?", 1)[0] or f"{spec.name}_pretrained.pdparams")
     target = downloads_path(spec.name) / file_name
     if target.is_file():  # only ever replaced whole (a rename), so it can be read without the lock
         _verify_cached(spec.name, target)
         return target
-    url = mirrored(published.pretrained_url)
+    url = mirrored(url)
     hint = f"download {url} by hand and save it as {target}"
     with _locked(spec.name):
         if target.is_file():
@@ -310,8 +325,8 @@ def published_training_weights(spec_or_name: Any, *, show_progress: bool = True)
                 target,
                 what=f"the training weights of {spec.name}",
                 hint=hint,
-                expected_size=published.pretrained_size,
-                expected_sha256=published.pretrained_sha256,
+                expected_size=expected_size,
+                expected_sha256=expected_sha256,
                 recorded_sha256=recorded["sha256"] if recorded else None,
                 progress=progress,
             )

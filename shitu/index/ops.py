@@ -87,7 +87,8 @@ def load_recognizer_for(
                 )
             recognizer = resolve_model(bundle)
         elif recorded.get("model"):
-            recognizer = resolve_model(str(recorded["model"]), input_size=recorded.get("input_size"))
+            # an index records a name alone only when it was built with random weights: embed the same way
+            recognizer = resolve_model(str(recorded["model"]), input_size=recorded.get("input_size"), pretrained=False)
         else:
             raise ShituError("the index records no model", path=where, hint="pass --model-dir")
     if check and index is not None:
@@ -119,7 +120,9 @@ def build_gallery_index(
     gallery: str | os.PathLike[str],
     output: str | os.PathLike[str],
     *,
-    model_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str] | None = None,
+    model: str | None = None,
+    pretrained: bool = True,
     dtype: str = "f32",
     batch_size: int = 32,
     overwrite: bool = False,
@@ -128,7 +131,8 @@ def build_gallery_index(
     progress: Progress | None = None,
 ) -> GalleryBuild:
     """Embed the images of ``gallery`` (a ``<path> <label>`` list or a dataset folder) with the bundle
-    ``model_dir`` and write the index at ``output``.
+    ``model_dir``, or the registered model ``model`` (its installed or published weights; random ones with
+    ``pretrained=False``; exactly one of the two), and write the index at ``output``.
 
     In this order: the list is read (its warnings reported; any error is reported and then a ShituError,
     nothing written); process 0 takes the index's lock (another writer makes this a ShituError at once) and
@@ -142,6 +146,8 @@ def build_gallery_index(
     from shitu.index.core import build_index, check_replaceable, index_lock
     from shitu.runtime.distributed import embed_sharded, shard_range
 
+    if (model_dir is None) == (model is None):
+        raise ShituError("give either --model-dir BUNDLE or --model NAME")
     report = report or _ignore
     listed = read_labelled_list(gallery, default_split="gallery")
     for warning in listed.warnings:
@@ -156,7 +162,12 @@ def build_gallery_index(
             held.enter_context(index_lock(target))
         check_replaceable(target.absolute(), overwrite=overwrite)  # before the embedding, which takes a while
         started = time.perf_counter()
-        recognizer = load_recognizer_for(None, model_dir)
+        if model_dir is not None:
+            recognizer = load_recognizer_for(None, model_dir)
+        else:
+            from shitu.embed.resolve import resolve_model
+
+            recognizer = resolve_model(str(model), pretrained=pretrained)
         here = len(shard_range(len(listed.paths)))
         embedded = embed_sharded(
             recognizer,

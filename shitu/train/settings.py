@@ -151,6 +151,10 @@ class TrainSettings:
         if not dataset_path.is_dir():
             raise ShituError("dataset folder does not exist", path=dataset_path)
         pretrained = pretrained if pretrained is not None else config.get("Train.pretrain_weight_path")
+        if isinstance(pretrained, str) and pretrained.startswith(("http://", "https://")):
+            from shitu.hub import training_weights_from_url  # a URL, as in PaddleX's configs: fetched and cached
+
+            pretrained = training_weights_from_url(spec, pretrained)
         if pretrained is not None and not Path(pretrained).exists():
             raise ShituError("pretrained weights not found", path=pretrained)
 
