@@ -1101,25 +1101,23 @@ class _Evaluator:
     def _bundle(self, path: Path, extra: dict[str, Any]) -> Path:
         """Write the evaluation model as a bundle (process 0 only: in a multi-process run it writes alone)."""
         from shitu.models.bundle import save_bundle
-        from shitu.runtime.distributed import host_model, orbax_alone, process_count
 
         session = self.session
-        model = self.model if process_count() == 1 else host_model(self.model)
-        with orbax_alone():
-            return save_bundle(
-                path,
-                spec=session.spec,
-                model=model,
-                num_classes=session.num_classes,
-                config=session.config,
-                arch=session.arch,
-                extra={
-                    "input_size": session.input_size,
-                    "trained_on": str(session.dataset_path),
-                    "train_output": str(session.out_dir),
-                    **extra,
-                },
-            )
+        return save_bundle(
+            path,
+            spec=session.spec,
+            model=self.model,
+            num_classes=session.num_classes,
+            config=session.config,
+            arch=session.arch,
+            extra={
+                "input_size": session.input_size,
+                "trained_on": str(session.dataset_path),
+                "train_output": str(session.out_dir),
+                **extra,
+            },
+            single_process=True,
+        )
 
     def save_best(self, epoch: int, metrics: dict[str, float]) -> None:
         """The weights last given to :meth:`evaluate` become ``best_model/``."""
