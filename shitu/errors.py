@@ -89,12 +89,17 @@ def _fault_errno(exc: BaseException) -> int | None:
 
 
 def storage_error(
-    exc: BaseException, path: str | os.PathLike[str] | None = None, *, action: str | None = "writing"
+    exc: BaseException,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    action: str | None = "writing",
+    rerun: str | None = None,
 ) -> StorageError | None:
     """``exc`` as one :class:`StorageError` line when it is a machine fault (see ``_FAULTS``; also when a
     library reports one as text), else None. ``path`` is what was being written; without it the OSError's
-    own file name is used. ``action`` completes "... while <action>" (None: left out). A missing file or
-    folder only counts while writing (when reading it is the caller's "not found")."""
+    own file name is used. ``action`` completes "... while <action>" (None: left out); ``rerun`` replaces
+    "run the same command again" in the hint. A missing file or folder only counts while writing (when
+    reading it is the caller's "not found")."""
     if isinstance(exc, StorageError):
         return exc
     code = _fault_errno(exc)
@@ -103,4 +108,6 @@ def storage_error(
     if path is None and isinstance(exc, OSError):
         path = exc.filename
     what, hint = _FAULTS[code]
+    if rerun is not None:
+        hint = hint.replace(_RERUN, rerun)
     return StorageError(code, what if action is None else f"{what} while {action}", path=path, hint=hint)

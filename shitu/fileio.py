@@ -164,20 +164,21 @@ def _quiet_fault_logs() -> Iterator[None]:
             logger.removeFilter(drop)
 
 
-def _fault(exc: BaseException, target: Path) -> ShituError | None:
+def _fault(exc: BaseException, target: Path, rerun: str | None = None) -> ShituError | None:
     """:func:`~shitu.errors.storage_error` for a write of ``target``, except a missing file elsewhere (an
     input read while writing: the caller's own "not found")."""
     missing = isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ENOTDIR) and exc.filename is not None
     if missing and not os.fsdecode(exc.filename).startswith(os.fspath(target.absolute().parent)):
         return None
-    return storage_error(exc, target)
+    return storage_error(exc, target, rerun=rerun)
 
 
 @contextmanager
-def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+def writing(path: str | os.PathLike[str], *, rerun: str | None = None) -> Iterator[None]:
     """Within it, a fault of the machine (an OSError such as ENOSPC, EROFS, EACCES, or a library's error that
     reports one) becomes one :class:`~shitu.errors.StorageError` naming ``path`` (or the OSError's own file
-    when it names one); other exceptions pass unchanged. What to clean up stays the caller's job."""
+    when it names one); other exceptions pass unchanged. ``rerun`` is how to go on, when not "run the same
+    command again". What to clean up stays the caller's job."""
     try:
         with _quiet_fault_logs():
             yield
@@ -185,7 +186,7 @@ def writing(path: str | os.PathLike[str]) -> Iterator[None]:
         raise
     except Exception as exc:
         named = getattr(exc, "filename", None)
-        fault = _fault(exc, Path(os.fsdecode(named) if isinstance(named, (str, bytes)) and named else path))
+        fault = _fault(exc, Path(os.fsdecode(named) if isinstance(named, (str, bytes)) and named else path), rerun)
         if fault is None:
             raise
         raise fault from exc
