@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from shitu.errors import ShituError, storage_error
+from shitu.errors import ShituError, StorageError, storage_error
 
 JOURNAL_NAME = ".shitu-journal.json"
 #: The lock file of a folder that is replaced whole: ``.NAME.shitu-lock`` beside it (see :func:`folder_lock`).
@@ -347,7 +347,17 @@ def replace_together(files: Mapping[Path, bytes], *, backup: bool = True) -> lis
             for written in backups:  # nothing was replaced: a backup of the unchanged file would be a stray copy
                 written.unlink(missing_ok=True)
             raise
-        _recover_locked(directory)
+        try:
+            _recover_locked(directory)
+        except Exception:  # a fault of the machine while renaming (a kill is finished by recover() instead)
+            if all((directory / tmp).exists() for tmp in staged):  # no list replaced yet: undo it all
+                with contextlib.suppress(OSError):
+                    (directory / JOURNAL_NAME).unlink()
+                    for tmp in staged:
+                        (directory / tmp).unlink(missing_ok=True)
+                    for written in backups:
+                        written.unlink(missing_ok=True)
+            raise  # else the journal stays: every command that reads the lists finishes the renames first
     return backups
 
 
@@ -546,5 +556,16 @@ def atomic_directory(path: str | os.PathLike[str], *, wait: bool = True) -> Iter
             shutil.rmtree(staging, ignore_errors=True)
             fault = _fault(exc, target)
             if fault is not None:
-                raise fault from exc
+                raise _named_in_target(fault, staging, target) from exc
             raise
+
+
+def _named_in_target(fault: ShituError, staging: Path, target: Path) -> ShituError:
+    """``fault`` naming the file's place in ``target`` instead of in the (removed) staging folder."""
+    if not isinstance(fault, StorageError) or fault.path is None:
+        return fault
+    try:
+        inside = Path(fault.path).relative_to(staging)
+    except ValueError:
+        return fault
+    return StorageError(fault.errno, fault.message, path=target / inside, hint=fault.hint or "")

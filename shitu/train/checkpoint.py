@@ -112,6 +112,8 @@ class CheckpointStore:
 
     def _resume_hint(self) -> str:
         """How to go on after a checkpoint could not be written (the earlier checkpoints are intact)."""
+        if not self.iterations():  # nothing to resume: start the run again over what it wrote
+            return "run the same command again with --overwrite"
         return f"continue with 'shitu train --resume --output {self.directory.parent}'"
 
     def _remove_unfinished(self, iteration: int) -> None:
