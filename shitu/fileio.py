@@ -3,14 +3,21 @@
 A file is written to a temporary sibling, flushed to disk, then renamed over the target, so a reader
 (or a crash) only ever sees the old or the new content. Several files that belong together (the three
 list files of a dataset) are replaced under a small journal: the new contents are staged first, the
-journal names them, and the renames are rolled forward by :func:`recover` if a crash interrupts them.
+journal names them, and the renames are rolled forward by :func:`recover` if a crash interrupts them. A
+folder (a model bundle, an index, a check report) is built in a hidden staging sibling and swapped in whole
+(:func:`atomic_directory`). Writers of one target exclude each other with :func:`exclusive_lock`.
+
+A fault of the machine while writing (disk full, read-only, permission denied) leaves nothing half-written
+and is raised as one :class:`~shitu.errors.StorageError` naming the target (see :func:`writing`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,7 +27,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from shitu.errors import ShituError, StorageError, storage_error
+
 JOURNAL_NAME = ".shitu-journal.json"
+#: The lock file of a folder that is replaced whole: ``.NAME.shitu-lock`` beside it (see :func:`folder_lock`).
+LOCK_SUFFIX = ".shitu-lock"
+#: The lock file inside a dataset folder while its list files are replaced (see :func:`replace_together`).
+DATASET_LOCK = ".shitu-lock"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -43,8 +56,9 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | N
     On an exception the temporary file is removed and ``path`` is left as it was.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         binary = "b" in mode
@@ -60,8 +74,11 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | N
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        fault = _fault(exc, target)
+        if fault is not None:
+            raise fault from exc
         raise
 
 
@@ -117,27 +134,160 @@ def backup_name(path: Path) -> Path | None:
     return path.with_name(f"{path.name}.bak.{existing[-1][0] + 1}")
 
 
+class _DropFaultRecords(logging.Filter):
+    """Drops log records that report a machine fault: Orbax logs each failed asyncio write of a full disk
+    with its traceback (through absl), and the same fault is then raised once, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot be formatted is not ours to judge
+            return True
+        return storage_error(exc or RuntimeError(message), action=None) is None
+
+
+#: The loggers through which Orbax and asyncio report failed background writes.
+_LIBRARY_LOGGERS = ("absl", "asyncio")
+
+
 @contextmanager
-def _directory_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``directory`` (POSIX ``flock`` on the folder itself, so no lock
-    file is left behind). Two shitu processes then never update or recover the same folder at once. Where
-    locking is not available it does nothing."""
+def _quiet_fault_logs() -> Iterator[None]:
+    drop = _DropFaultRecords()
+    loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+def _fault(exc: BaseException, target: Path, rerun: str | None = None) -> ShituError | None:
+    """:func:`~shitu.errors.storage_error` for a write of ``target``, except a missing file elsewhere (an
+    input read while writing: the caller's own "not found")."""
+    missing = isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ENOTDIR) and exc.filename is not None
+    if missing and not os.fsdecode(exc.filename).startswith(os.fspath(target.absolute().parent)):
+        return None
+    return storage_error(exc, target, rerun=rerun)
+
+
+@contextmanager
+def writing(path: str | os.PathLike[str], *, rerun: str | None = None) -> Iterator[None]:
+    """Within it, a fault of the machine (an OSError such as ENOSPC, EROFS, EACCES, or a library's error that
+    reports one) becomes one :class:`~shitu.errors.StorageError` naming ``path`` (or the OSError's own file
+    when it names one); other exceptions pass unchanged. ``rerun`` is how to go on, when not "run the same
+    command again". What to clean up stays the caller's job."""
+    try:
+        with _quiet_fault_logs():
+            yield
+    except ShituError:
+        raise
+    except Exception as exc:
+        named = getattr(exc, "filename", None)
+        fault = _fault(exc, Path(os.fsdecode(named) if isinstance(named, (str, bytes)) and named else path), rerun)
+        if fault is None:
+            raise
+        raise fault from exc
+
+
+#: Lock files this process holds, with how many times (flock is per open file: taking it twice would fail).
+_held_locks: dict[Path, int] = {}
+
+
+@contextmanager
+def exclusive_lock(
+    lock_file: str | os.PathLike[str],
+    *,
+    wait: bool = False,
+    busy: str = "in use by another process",
+    busy_path: str | os.PathLike[str] | None = None,
+    hint: str | None = "wait for it to finish",
+) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (created if missing, the holder's PID written in it, removed
+    again on release). With ``wait`` False a lock held by another process is a ShituError at once (``busy``,
+    naming ``busy_path`` or the lock file, and ``hint``); with ``wait`` True it waits. Re-entrant within a
+    process; a no-op where flock is unsupported. Removing the file on release is safe: a waiter that locked a
+    file that is gone by then locks the new one (the inode is checked)."""
+    lock = Path(lock_file).absolute()
+    if lock in _held_locks:
+        _held_locks[lock] += 1
+        try:
+            yield
+        finally:
+            _held_locks[lock] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, go on unlocked
+        yield
+        return
+    while True:
+        with writing(lock):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise ShituError(busy, path=busy_path if busy_path is not None else lock, hint=hint) from None
+        except OSError:  # a filesystem without flock: go on unlocked
+            break
+        try:  # the holder before us may have removed the file after we opened it: then lock the new one
+            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    with contextlib.suppress(OSError):  # who holds it, for people; a full disk must not stop the lock
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[lock] = 1
+    try:
+        yield
+    finally:
+        del _held_locks[lock]
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still locked, so nobody can lock this file after it is gone
+        os.close(fd)
+
+
+def lock_of(folder: str | os.PathLike[str]) -> Path:
+    """The lock file of a folder that is replaced whole: the hidden sibling ``.NAME.shitu-lock`` (the folder
+    itself cannot carry it)."""
+    folder = Path(folder).absolute()
+    return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
+
+
+def folder_lock(
+    folder: str | os.PathLike[str],
+    *,
+    wait: bool = False,
+    busy: str = "in use by another shitu process",
+    hint: str | None = "wait for it to finish",
+) -> contextlib.AbstractContextManager[None]:
+    """:func:`exclusive_lock` on :func:`lock_of` ``folder``, naming ``folder`` when it is busy."""
+    return exclusive_lock(lock_of(folder), wait=wait, busy=busy, busy_path=Path(folder).absolute(), hint=hint)
+
+
+def remove_stale_lock(lock_file: str | os.PathLike[str]) -> bool:
+    """Delete ``lock_file`` if nobody holds it (what a killed writer left); True if it was removed."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        yield
-        return
+        return False
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(lock_file, os.O_RDWR | os.O_NOFOLLOW)
     except OSError:
-        yield
-        return
+        return False
     try:
-        with contextlib.suppress(OSError):  # a filesystem without flock: go on unlocked
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(lock_file)
+        return True
+    except OSError:
+        return False
     finally:
-        os.close(fd)  # closing releases the lock
+        os.close(fd)
 
 
 def _remove_leftovers(directory: Path, names: list[str]) -> None:
@@ -164,7 +314,7 @@ def replace_together(files: Mapping[Path, bytes], *, backup: bool = True) -> lis
     if len(directories) != 1:
         raise ValueError("replace_together needs files of one directory")
     directory = directories.pop()
-    with _directory_lock(directory):
+    with writing(directory), exclusive_lock(directory / DATASET_LOCK, wait=True):
         _recover_locked(directory)  # finish an interrupted update before comparing with the current files
         _remove_leftovers(directory, [Path(p).name for p in files])
         changed = {
@@ -173,14 +323,14 @@ def replace_together(files: Mapping[Path, bytes], *, backup: bool = True) -> lis
         if not changed:
             return []
         backups: list[Path] = []
-        if backup:
-            for path in changed:
-                target = backup_name(path)
-                if target is not None:
-                    atomic_write_bytes(target, path.read_bytes())
-                    backups.append(target)
         staged: dict[str, str] = {}
         try:
+            if backup:
+                for path in changed:
+                    target = backup_name(path)
+                    if target is not None:
+                        atomic_write_bytes(target, path.read_bytes())
+                        backups.append(target)
             for path, data in changed.items():
                 fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".new")
                 staged[Path(tmp_name).name] = path.name
@@ -194,8 +344,20 @@ def replace_together(files: Mapping[Path, bytes], *, backup: bool = True) -> lis
         except BaseException:
             for tmp in staged:
                 (directory / tmp).unlink(missing_ok=True)
+            for written in backups:  # nothing was replaced: a backup of the unchanged file would be a stray copy
+                written.unlink(missing_ok=True)
             raise
-        _recover_locked(directory)
+        try:
+            _recover_locked(directory)
+        except Exception:  # a fault of the machine while renaming (a kill is finished by recover() instead)
+            if all((directory / tmp).exists() for tmp in staged):  # no list replaced yet: undo it all
+                with contextlib.suppress(OSError):
+                    (directory / JOURNAL_NAME).unlink()
+                    for tmp in staged:
+                        (directory / tmp).unlink(missing_ok=True)
+                    for written in backups:
+                        written.unlink(missing_ok=True)
+            raise  # else the journal stays: every command that reads the lists finishes the renames first
     return backups
 
 
@@ -248,29 +410,162 @@ def recover(directory: str | os.PathLike[str]) -> bool:
     directory = Path(directory)
     if not (directory / JOURNAL_NAME).is_file():
         return False
-    with _directory_lock(directory):
+    with writing(directory), exclusive_lock(directory / DATASET_LOCK, wait=True):
         return _recover_locked(directory)
 
 
-@contextmanager
-def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Build a directory in a temporary sibling; on a clean exit it takes the place of ``path``.
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
 
-    The old directory (if any) is removed only after the new one is in place.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+
+def _exchange_directories(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot. The standard library has no such call: two renames leave a moment with
+    neither in place."""
+    import ctypes
+
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-        os.replace(target, old / target.name)
-    os.replace(staging, target)
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux, or a C library without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(error, os.strerror(error), os.fspath(second))
+
+
+#: A staging entry of :func:`atomic_open` / :func:`atomic_directory`: ``.NAME.`` + tempfile's 8 random
+#: characters + ``.tmp``, or ``.old`` for a folder set aside by the two-rename swap (the fallback's journal).
+STAGING_NAME = r"\.{name}\.[a-z0-9_]{{8}}\.(tmp|old)"
+
+
+def staging_leftovers(target: str | os.PathLike[str]) -> list[Path]:
+    """The staging entries of ``target`` beside it (see :data:`STAGING_NAME`), matched exactly, so another
+    target's (``NAME.v2``) are never taken for ours."""
+    target = Path(target).absolute()
+    pattern = re.compile(STAGING_NAME.format(name=re.escape(target.name)))
+    try:
+        return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _remove_entry(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _recover_directory_locked(target: Path) -> bool:
+    """Put back ``target`` when a two-rename swap was stopped between its renames (it sits in a ``.old``
+    folder beside it); True if it did."""
+    if target.exists() or target.is_symlink():
+        return False
+    aside = [p / target.name for p in staging_leftovers(target) if p.name.endswith(".old")]
+    aside = [p for p in aside if p.exists() and not p.is_symlink()]
+    if not aside:
+        return False
+    os.replace(aside[-1], target)
     _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def recover_directory(target: str | os.PathLike[str]) -> bool:
+    """Readers call this when ``target`` is missing: it puts back a folder that an interrupted two-rename swap
+    left aside (only the fallback has that moment). True if it did; never raises (a read-only place is
+    left as it is)."""
+    target = Path(target).absolute()
+    if target.exists() or not any(p.name.endswith(".old") for p in staging_leftovers(target)):
+        return False
+    try:
+        with folder_lock(target, wait=True):
+            return _recover_directory_locked(target)
+    except (OSError, ShituError):
+        return False
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk (what a library wrote there need not be)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put the complete folder ``staging`` at ``target``: one ``renameat2`` exchange where available (the
+    previous folder then sits in ``staging`` and is deleted), else two renames with the previous folder
+    set aside in a ``.old`` sibling first (so :func:`_recover_directory_locked` can put it back)."""
+    exists = target.exists() or target.is_symlink()
+    if exists and _exchange_directories(staging, target):
+        _fsync_dir(target.parent)
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous folder
+        return
+    if not exists:
+        os.replace(staging, target)
+        _fsync_dir(target.parent)
+        return
+    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+    os.replace(target, aside / target.name)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(aside / target.name, target)
+        raise
+    _fsync_dir(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike[str], *, wait: bool = True) -> Iterator[Path]:
+    """Build a folder in a hidden staging sibling; on a clean exit it takes the place of ``path`` whole.
+
+    Holds :func:`folder_lock` on ``path`` throughout (``wait`` False: refuse at once when another process
+    holds it; re-entrant, so a caller may take it first). First puts back a folder a killed swap left aside
+    and removes what killed writers left beside ``path``; the staged folder is flushed to disk before the
+    swap (:func:`_swap_in`), so a crash at any moment leaves the old or the new folder. On an exception the
+    staging folder is removed and ``path`` is left as it was; a fault of the machine is a StorageError
+    naming ``path``.
+    """
+    target = Path(path).absolute()
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(target, wait=wait):
+        with writing(target):
+            _recover_directory_locked(target)
+            for leftover in staging_leftovers(target):
+                _remove_entry(leftover)
+            staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+        try:
+            yield staging
+            _fsync_tree(staging)
+            _swap_in(staging, target)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            fault = _fault(exc, target)
+            if fault is not None:
+                raise _named_in_target(fault, staging, target) from exc
+            raise
+
+
+def _named_in_target(fault: ShituError, staging: Path, target: Path) -> ShituError:
+    """``fault`` naming the file's place in ``target`` instead of in the (removed) staging folder."""
+    if not isinstance(fault, StorageError) or fault.path is None:
+        return fault
+    try:
+        inside = Path(fault.path).relative_to(staging)
+    except ValueError:
+        return fault
+    return StorageError(fault.errno, fault.message, path=target / inside, hint=fault.hint or "")

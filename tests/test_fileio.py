@@ -213,8 +213,9 @@ def test_exception_while_staging_removes_staged_files(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(fileio, "atomic_write_json", no_journal)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="no space left on device") as info:  # a StorageError naming the folder
         replace_together(new_files(directory))
+    assert info.value.errno == 28 and info.value.path == str(directory)
     assert contents(directory) == OLD
     assert not [name for name in names(directory) if name.startswith(".")]
 

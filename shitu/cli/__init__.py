@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from shitu import __version__
-from shitu.cli._output import error_line
+from shitu.cli._output import error_line, machine_fault_line
 from shitu.errors import ShituError
 
 app = typer.Typer(
@@ -73,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stderr.close()
         sys.exit(1)
     except Exception as exc:
+        fault = machine_fault_line(exc)
+        if fault is not None:
+            error_line(fault)
+            sys.exit(1)
         if _is_usage_error(exc):
             ctx = getattr(exc, "ctx", None)
             name = " ".join(ctx.command_path.split()[1:]) if ctx is not None else ""

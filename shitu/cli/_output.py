@@ -30,6 +30,21 @@ def error_line(message: str) -> None:
     sys.stderr.flush()
 
 
+def machine_fault_line(exc: BaseException) -> str | None:
+    """The one line for an exception no command turned into a ShituError that is still a fault of the machine
+    or its files (see :func:`shitu.errors.storage_error`): the path, what happened and what to do. None for
+    anything else (an internal error)."""
+    from shitu.errors import storage_error
+
+    fault = storage_error(exc, action=None)
+    if fault is not None:
+        return str(fault)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{os.fsdecode(exc.filename)}: " if isinstance(exc.filename, (str, bytes)) else ""
+        return f"{where}{exc.strerror.lower()}"
+    return None
+
+
 class Output:
     """Decides, once, what goes where: in JSON mode stdout carries only JSON documents or lines."""
 

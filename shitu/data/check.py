@@ -18,7 +18,8 @@ from typing import Any
 from shitu.data.formats import SPLITS, Issue
 from shitu.data.images import DEFAULT_MAX_PIXELS, ImageReport, inspect_images
 from shitu.data.lists import ListEntry, file_problem, locate_root, read_list, resolve_inside
-from shitu.fileio import JOURNAL_NAME, atomic_directory, atomic_write_json
+from shitu.errors import StorageError
+from shitu.fileio import JOURNAL_NAME, atomic_directory, atomic_write_json, writing
 
 #: ``on_progress(stage, advance, total)``: ``stage`` names the step, ``total`` its size.
 ProgressFn = Callable[[str, int, int], None]
@@ -243,7 +244,8 @@ def _ordered(issues: list[Issue]) -> list[Issue]:
 def _write_outputs(result: CheckResult, output: Path, sample_num: int, on_progress: ProgressFn | None) -> None:
     from shitu.data.report import draw_histogram, draw_labelled_sample
 
-    output.mkdir(parents=True, exist_ok=True)
+    with writing(output):
+        output.mkdir(parents=True, exist_ok=True)
     with atomic_directory(output / "check_dataset") as staging:
         demo_dir = staging / "demo_img"
         demo_dir.mkdir()
@@ -261,6 +263,8 @@ def _write_outputs(result: CheckResult, output: Path, sample_num: int, on_progre
                             draw_labelled_sample(
                                 result.root / entry.sample.path, str(entry.sample.label), demo_dir / name
                             )
+                    except StorageError:  # the disk, not the image: the whole check fails (nothing written)
+                        raise
                     except Exception as exc:  # the file changed since it was decoded, or is too large to redraw
                         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
                         result.issues.append(

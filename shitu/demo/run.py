@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shitu.errors import ShituError
-from shitu.fileio import atomic_write_json
+from shitu.fileio import atomic_write_json, writing
 
 MODEL = "PP-ShiTuV2_rec"
 RESULT_FILE = "demo_result.json"
@@ -132,18 +132,19 @@ def _machine() -> dict[str, Any]:
 
 def _prepare_output(output: Path, overwrite: bool) -> None:
     """A demo folder is ours to replace; anything else that is not empty is refused."""
-    if output.exists() and any(output.iterdir()):
-        if not (output / RESULT_FILE).is_file() and not (output / "train").is_dir():
-            raise ShituError("folder is not empty and holds no earlier demo; choose another --output", path=output)
-        if not overwrite:
-            raise ShituError("holds an earlier demo; pass --overwrite to replace it", path=output)
-        aside = output.with_name(output.name + ".old")
-        if aside.exists():
+    with writing(output):
+        if output.exists() and any(output.iterdir()):
+            if not (output / RESULT_FILE).is_file() and not (output / "train").is_dir():
+                raise ShituError("folder is not empty and holds no earlier demo; choose another --output", path=output)
+            if not overwrite:
+                raise ShituError("holds an earlier demo; pass --overwrite to replace it", path=output)
+            aside = output.with_name(output.name + ".old")
+            if aside.exists():
+                shutil.rmtree(aside)
+            output.rename(aside)
+            output.mkdir(parents=True)
             shutil.rmtree(aside)
-        output.rename(aside)
-        output.mkdir(parents=True)
-        shutil.rmtree(aside)
-    output.mkdir(parents=True, exist_ok=True)
+        output.mkdir(parents=True, exist_ok=True)
 
 
 def run_demo(

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from shitu.errors import ShituError
-from shitu.fileio import _directory_lock, atomic_directory, atomic_write_json
+from shitu.fileio import atomic_directory, atomic_write_json, folder_lock
 from shitu.hub.download import PART_SUFFIX, Progress, download, file_sha256
 from shitu.hub.sources import PublishedWeights, mirrored
 
@@ -96,13 +96,13 @@ def _published(spec: Any) -> PublishedWeights:
 
 @contextmanager
 def _locked(name: str) -> Iterator[Path]:
-    """Hold model ``name``'s download lock (``fileio._directory_lock`` on its downloads folder)."""
+    """Hold model ``name``'s download lock (:func:`shitu.fileio.folder_lock` on its downloads folder)."""
     folder = downloads_path(name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ShituError(f"cannot create the model cache: {exc.strerror or exc}", path=folder) from None
-    with _directory_lock(folder):
+    with folder_lock(folder, wait=True):
         _remove_leftovers(name)
         yield folder
 
@@ -112,8 +112,9 @@ def _remove_leftovers(name: str) -> None:
     for leftover in downloads_path(name).glob(f"{_EXTRACT_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
     models = bundle_path(name).parent
-    # atomic_directory stages in ".NAME.*.tmp" (and save_bundle inside it in "..NAME.*"), old copies in ".old"
-    for pattern in (f".{name}.*.tmp", f".{name}.*.old", f"..{name}.*"):
+    # atomic_directory stages in ".NAME.*.tmp" (and save_bundle inside it in "..NAME.*"); an ".old" copy is
+    # atomic_directory's own to put back or remove
+    for pattern in (f".{name}.*.tmp", f"..{name}.*"):
         for leftover in models.glob(pattern):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)

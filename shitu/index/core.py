@@ -8,9 +8,10 @@ Layout of an index folder::
       index.json      format name and version, dim, dtype, metric, count, the recognizer it was built with,
                       HNSW parameters, versions, and the SHA-256 of the two files above
 
-The folder is written as a unit (in a temporary sibling, then swapped into place in one step), so a reader, or
-what a crash leaves, is only ever the old or the new index. A writer holds a lock (the hidden sibling file
-``.INDEX_DIR.shitu-lock`` while it writes, see :func:`index_lock`): a second one on the same index is refused.
+The folder is written as a unit (:func:`shitu.fileio.atomic_directory`: in a hidden sibling, then swapped into
+place in one step), so a reader, or what a crash leaves, is only ever the old or the new index. A writer holds a
+lock (the hidden sibling file ``.INDEX_DIR.shitu-lock`` while it writes, see :func:`index_lock`): a second one on
+the same index is refused.
 :func:`open_index` checks the checksums and that the three files agree, and turns anything wrong into one
 :class:`~shitu.errors.ShituError` that names the file.
 
@@ -19,15 +20,11 @@ Scores are cosine similarities (``1 - usearch's cosine distance``): larger is cl
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import hashlib
 import json
 import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,9 +283,9 @@ class RetrievalIndex:
 
     def _save_locked(self, target: Path, *, overwrite: bool) -> None:
         from shitu import __version__
-        from shitu.fileio import atomic_write_json, atomic_write_text
+        from shitu.fileio import atomic_directory, atomic_write_json, atomic_write_text, recover_directory
 
-        _clean_up_after_a_crash(target)
+        recover_directory(target)  # before judging what is there: a killed two-rename save's previous index
         own = self.path is not None and target == Path(self.path).absolute()
         check_replaceable(target, overwrite=overwrite or own)
         info_file = target / INFO_FILE
@@ -300,7 +297,7 @@ class RetrievalIndex:
             )
         import usearch
 
-        with _staged_directory(target) as staging:
+        with atomic_directory(target) as staging:
             self._index.save(os.fspath(staging / INDEX_FILE))
             atomic_write_text(staging / ITEMS_FILE, "".join(_item_line(item) for item in self.items))
             info = {k: v for k, v in self._info.items() if k not in ("files", "path", "num_labels")}
@@ -321,138 +318,14 @@ class RetrievalIndex:
 
 # -- writing an index folder as a unit ----------------------------------------------------------------------
 
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-#: Lock files of the indexes this process holds (flock is per open file: taking it twice would fail).
-_held_locks: dict[Path, int] = {}
 
+def index_lock(target: str | os.PathLike[str]) -> contextlib.AbstractContextManager[None]:
+    """Hold the write lock of the index folder ``target`` (:func:`shitu.fileio.folder_lock`: the hidden
+    sibling ``.NAME.shitu-lock``); another process writing the same index makes this a ShituError at once.
+    Re-entrant within a process."""
+    from shitu.fileio import folder_lock
 
-def _lock_file(target: Path) -> Path:
-    """The lock of the index folder ``target``: a hidden sibling, as the folder itself is replaced whole."""
-    return target.parent / f".{target.name}.shitu-lock"
-
-
-@contextmanager
-def index_lock(target: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold the write lock of the index folder ``target``: an exclusive ``flock`` on the hidden sibling file
-    ``.NAME.shitu-lock`` (the folder itself is replaced whole, so it cannot carry the lock), removed again on
-    release. Another process writing the same index makes this a ShituError at once. Re-entrant within a
-    process; a no-op where flock is missing."""
-    folder = Path(target).absolute()
-    lock = _lock_file(folder)
-    if lock in _held_locks:
-        _held_locks[lock] += 1
-        try:
-            yield
-        finally:
-            _held_locks[lock] -= 1
-        return
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory locks, go on unlocked
-        yield
-        return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:
-            raise ShituError(f"cannot create the index lock: {exc.strerror or exc}", path=lock) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ShituError(
-                "another shitu command is writing this index", path=folder, hint="wait for it to finish"
-            ) from None
-        except OSError:  # a filesystem without flock: go on unlocked
-            break
-        try:  # the holder before us may have removed the file after we opened it: then lock the new one
-            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    _held_locks[lock] = 1
-    try:
-        yield
-    finally:
-        del _held_locks[lock]
-        with suppress(OSError):
-            os.unlink(lock)  # while still locked, so nobody can lock this file after it is gone
-        os.close(fd)
-
-
-def _exchange_directories(first: Path, second: Path) -> bool:
-    """Swap two existing folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
-    system or filesystem cannot. The standard library has no such call: two renames would leave a moment
-    with neither folder in place, and a crash there would leave no index at all."""
-    import ctypes
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not Linux, or a C library without it
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
-    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
-    error = ctypes.get_errno()
-    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-        return False
-    raise OSError(error, os.strerror(error), os.fspath(second))
-
-
-def _leftovers(target: Path) -> list[Path]:
-    """Folders an interrupted save of ``target`` can leave beside it: ``.NAME.<8 characters>.tmp`` (a staging
-    folder, or after the exchange the previous index being deleted) and ``.NAME.<8>.old`` (the two-rename
-    fallback). Matched exactly, so another index's (``NAME.v2``) are never taken for ours."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
-    if not target.parent.is_dir():
-        return []
-    return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
-
-
-def _clean_up_after_a_crash(target: Path) -> None:
-    """With the lock held: put back a previous index that an interrupted two-rename save left aside (only
-    the fallback has that moment), then delete what interrupted saves left beside ``target``."""
-    leftovers = _leftovers(target)
-    if not target.exists():
-        aside = [p / target.name for p in leftovers if p.name.endswith(".old") and (p / target.name).is_dir()]
-        if aside:
-            os.replace(aside[-1], target)
-    for leftover in leftovers:
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-@contextmanager
-def _staged_directory(target: Path) -> Iterator[Path]:
-    """Build the folder in a temporary sibling; on a clean exit it takes the place of ``target`` in one step.
-
-    The previous folder is swapped out atomically (see :func:`_exchange_directories`) and deleted after, so
-    a crash at any moment leaves the old or the new folder at ``target``; what it leaves beside it is removed
-    by the next save (:func:`_clean_up_after_a_crash`). Call with :func:`index_lock` held."""
-    from shitu.fileio import _fsync_dir
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists() and _exchange_directories(staging, target):
-        _fsync_dir(target.parent)
-        shutil.rmtree(staging, ignore_errors=True)  # now the previous index
-        return
-    old = None
-    if target.exists():  # the fallback: two renames (a crash between them is repaired by the next save)
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-        os.replace(target, old / target.name)
-    os.replace(staging, target)
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return folder_lock(target, busy="another shitu command is writing this index")
 
 
 def _item_line(item: Item) -> str:
@@ -657,7 +530,11 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
     With ``recognizer_info`` (a ``Recognizer.describe()``), also check that its features are comparable
     with the stored ones. Every problem is a ShituError naming the file concerned.
     """
+    from shitu.fileio import recover_directory
+
     folder = Path(path)
+    if not folder.exists():
+        recover_directory(folder)  # an interrupted two-rename save left the previous index aside: put it back
     if not folder.is_dir():
         if folder.exists():
             raise ShituError("not a folder (give the index folder)", path=folder)

@@ -8,7 +8,8 @@ Layout::
       params/            an Orbax checkpoint of the model's parameters and BatchNorm statistics
 
 This is the only module that imports Orbax for bundles. RNG state is never saved. A bundle is written in
-a temporary sibling folder and renamed into place, so a crash never leaves half a bundle.
+a hidden staging sibling and swapped into place whole (:func:`shitu.fileio.atomic_directory`), so a crash
+never leaves half a bundle; a full disk or a read-only folder is one StorageError naming the bundle.
 """
 
 from __future__ import annotations
@@ -101,15 +102,21 @@ def save_bundle(
     config: Any | None = None,
     arch: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    single_process: bool = False,
 ) -> Path:
     """Write ``model`` (built from ``spec`` with ``num_classes`` and ``arch``) as a bundle at ``path``.
 
-    An existing bundle at ``path`` is replaced only once the new one is complete.
+    An existing bundle at ``path`` is replaced only once the new one is complete. ``single_process``: this
+    process writes alone, with no barrier waiting for the others of a multi-process run (the state is copied
+    to the host and Orbax told this process is the only one taking part); call it from one process only. In a
+    lone process it changes nothing.
     """
+    import jax
     import orbax.checkpoint as ocp
     from flax import nnx
 
     from shitu import __version__
+    from shitu.runtime.distributed import process_count, process_index
 
     target = Path(path).absolute()
     if target.exists() and not (target / INFO_FILE).is_file() and (not target.is_dir() or any(target.iterdir())):
@@ -125,12 +132,21 @@ def save_bundle(
     )
     keep, _ = _nnx_filters()
     state = nnx.state(model, keep)
+    options: dict[str, Any] = {}
+    if single_process and process_count() > 1:
+        here = process_index()
+        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+            primary_host=here, active_processes={here}
+        )
+        state = jax.device_get(state)  # Orbax refuses a process-local jax.Array when others do not take part
     info.params_crc32 = params_checksum(state)
     with atomic_directory(target) as staging:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging.absolute() / PARAMS_DIR, state)
-        checkpointer.wait_until_finished()
-        checkpointer.close()
+        checkpointer = ocp.StandardCheckpointer(**options)
+        try:
+            checkpointer.save(staging.absolute() / PARAMS_DIR, state)
+            checkpointer.wait_until_finished()
+        finally:
+            checkpointer.close()
         if config is not None:
             atomic_write_text(staging / CONFIG_FILE, config.to_yaml())
         atomic_write_json(staging / INFO_FILE, info.to_json())
@@ -139,8 +155,12 @@ def save_bundle(
 
 def read_bundle_info(path: str | os.PathLike[str]) -> BundleInfo:
     """Read and validate ``shitu_model.json``; a clear ShituError for anything that is not a bundle."""
+    from shitu.fileio import recover_directory
+
     folder = Path(path)
     file = folder / INFO_FILE
+    if not folder.exists():
+        recover_directory(folder)  # an interrupted two-rename save left the previous bundle aside: put it back
     if not folder.is_dir():
         raise ShituError("model bundle folder does not exist", path=folder)
     if not file.is_file():

@@ -260,42 +260,6 @@ def local_copy(tree: Any, device: Any) -> Any:
     return jax.tree.map(copy, tree)
 
 
-def host_model(model: Any) -> Any:
-    """A copy of the NNX ``model`` whose arrays are host (numpy) arrays: what one process can write alone
-    in a multi-process run (Orbax refuses a process-local ``jax.Array`` there)."""
-    import jax
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.device_get(state))
-
-
-@contextlib.contextmanager
-def orbax_alone() -> Iterator[None]:
-    """Within it, the ``orbax.checkpoint.StandardCheckpointer``s created (e.g. by
-    :func:`shitu.models.bundle.save_bundle`) act for this process alone: no barrier waits for the other processes.
-    A no-op in a lone process.
-
-    Why a patch: a bundle is written by process 0 only, and ``save_bundle`` does not take Orbax's
-    ``MultiprocessingOptions``; giving it ``MultiprocessingOptions(primary_host=i, active_processes={i})``
-    (and host arrays) would make this unnecessary."""
-    if process_count() == 1:
-        yield
-        return
-    import functools
-
-    import orbax.checkpoint as ocp
-
-    here = process_index()
-    options = ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here})
-    original = ocp.StandardCheckpointer
-    ocp.StandardCheckpointer = functools.partial(original, multiprocessing_options=options)
-    try:
-        yield
-    finally:
-        ocp.StandardCheckpointer = original
-
-
 # ----------------------------------------------------------------------------------------------- agreement
 
 _BROADCAST_BYTES = 1 << 16

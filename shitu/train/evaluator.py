@@ -96,22 +96,20 @@ class EpochEvaluator:
         """Write the weights last given to :meth:`load` as a bundle (call in process 0 only: in a
         multi-process run it writes alone)."""
         from shitu.models.bundle import save_bundle
-        from shitu.runtime.distributed import host_model, orbax_alone, process_count
 
         settings = self.settings
-        model = self.model if process_count() == 1 else host_model(self.model)
-        with orbax_alone():
-            return save_bundle(
-                path,
-                spec=settings.spec,
-                model=model,
-                num_classes=self.num_classes,
-                config=settings.config,
-                arch=settings.arch,
-                extra={
-                    "input_size": settings.input_size,
-                    "trained_on": str(settings.dataset_dir),
-                    "train_output": str(settings.output),
-                    **extra,
-                },
-            )
+        return save_bundle(
+            path,
+            spec=settings.spec,
+            model=self.model,
+            num_classes=self.num_classes,
+            config=settings.config,
+            arch=settings.arch,
+            extra={
+                "input_size": settings.input_size,
+                "trained_on": str(settings.dataset_dir),
+                "train_output": str(settings.output),
+                **extra,
+            },
+            single_process=True,
+        )

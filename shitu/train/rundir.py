@@ -11,7 +11,7 @@ Layout (PaddleX's names where PaddleX has the file)::
       best_model/         shitu bundle of the epoch with the best recall1 (``shitu eval``/``predict`` take it)
       latest_model/       shitu bundle of the final weights (written when the run completes)
       checkpoints/N/      Orbax checkpoints (N = iterations done), the newest Train.checkpoints_to_keep
-      .shitu-train.lock   held (flock) while a run uses the folder
+      .shitu-train.lock   held (flock) while a run uses the folder, holding its PID
 
 Only this module and :mod:`shitu.train.trainer` know these names.
 """
@@ -24,13 +24,21 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from shitu.errors import ShituError
-from shitu.fileio import atomic_open, atomic_write_json, atomic_write_text
+from shitu.fileio import (
+    LOCK_SUFFIX,
+    STAGING_NAME,
+    atomic_open,
+    atomic_write_json,
+    atomic_write_text,
+    exclusive_lock,
+    remove_stale_lock,
+    writing,
+)
 
 TRAIN_RESULT = "train_result.json"
 TRAIN_LOG = "train.log"
@@ -66,36 +74,17 @@ def existing_run_entries(output: Path) -> list[str]:
     return [name for name in RUN_ENTRIES if (output / name).exists()]
 
 
-@contextlib.contextmanager
-def run_lock(output: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``OUTPUT/.shitu-train.lock`` for the run; a second run on the same
-    folder fails at once with a ShituError. The lock file stays (removing it would race with a waiter)."""
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / LOCK
-    handle: IO[str] = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
-    try:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no advisory locks, run unlocked
-            fcntl = None  # type: ignore[assignment]
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ShituError(
-                    "another 'shitu train' is running with this output folder",
-                    path=output,
-                    hint="wait for it to finish, or choose another --output",
-                ) from None
-            except OSError:  # a filesystem without flock: go on unlocked
-                pass
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()  # closing releases the lock
+def run_lock(output: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the run's lock (:func:`shitu.fileio.exclusive_lock` on ``OUTPUT/.shitu-train.lock``, which holds
+    the PID while the run lasts); a second run on the same folder fails at once with a ShituError."""
+    with writing(output):
+        output.mkdir(parents=True, exist_ok=True)
+    return exclusive_lock(
+        output / LOCK,
+        busy="another 'shitu train' is running with this output folder",
+        busy_path=output,
+        hint="wait for it to finish, or choose another --output",
+    )
 
 
 def move_previous_run(output: Path) -> Path | None:
@@ -105,9 +94,10 @@ def move_previous_run(output: Path) -> Path | None:
     if not names:
         return None
     aside = output / f"{PREVIOUS_PREFIX}{datetime.now().strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
-    aside.mkdir()
-    for name in names:
-        os.replace(output / name, aside / name)
+    with writing(output):
+        aside.mkdir()
+        for name in names:
+            os.replace(output / name, aside / name)
     return aside
 
 
@@ -116,16 +106,20 @@ def delete_previous_run(aside: Path | None) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-#: The staging file or folder of an atomic write (``fileio.atomic_open`` / ``atomic_directory``: ``.NAME.`` +
-#: tempfile's 8 random characters + ``.tmp``), or a folder set aside while being replaced (``.old``).
-_STAGING = re.compile(r"\..+\.[a-z0-9_]{8}\.(tmp|old)")
+#: The staging file or folder of an atomic write (:data:`shitu.fileio.STAGING_NAME` of any entry).
+_STAGING = re.compile(STAGING_NAME.format(name=".+"))
 
 
 def remove_staging_leftovers(output: Path) -> list[str]:
     """Delete what a kill during an atomic write left in the run folder ``output`` (a half-written bundle or
-    file that never replaced anything); returns the names removed. Call with the run lock held."""
+    file that never replaced anything, and the lock file of a bundle being written); returns the names
+    removed. Call with the run lock held."""
     removed = []
     for entry in output.iterdir():
+        if entry.name.endswith(LOCK_SUFFIX) and entry.name.startswith("."):
+            if remove_stale_lock(entry):
+                removed.append(entry.name)
+            continue
         if not _STAGING.fullmatch(entry.name):
             continue
         if entry.is_dir() and not entry.is_symlink():
@@ -149,18 +143,25 @@ class TrainLog:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
+        self._file: IO[str] | None = None
+        if path is not None:
+            with writing(path):
+                self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
 
     def write(self, message: str, level: str = "INFO") -> None:
         if self._file is None:
             return
         stamp = time.strftime("%Y/%m/%d %H:%M:%S")
-        self._file.write(f"[{stamp}] shitu {level}: {message}\n")
-        self._file.flush()
+        with writing(self.path):
+            self._file.write(f"[{stamp}] shitu {level}: {message}\n")
+            self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            # Every line was flushed when written: only a line whose write already failed (and raised) can
+            # still be buffered, and that failure is the one to report.
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
 
 

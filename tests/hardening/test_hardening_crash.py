@@ -243,8 +243,9 @@ def timed_loop(tmp_path: Path, kind: str, kills: int, seed: int) -> Counter[str]
 
 def test_convert_killed_before_and_after_its_commit_point_loses_nothing(tmp_path):
     """The default run's short loop: a re-conversion killed before its first write and before its last
-    step (the journal written, the renames under way)."""
-    outcomes = stepped_loop(tmp_path, "convert-again", lambda n: [0, n - 2])
+    three steps from the end (the journal written, the renames done; then the journal is removed, the folder
+    flushed and the dataset's lock file removed)."""
+    outcomes = stepped_loop(tmp_path, "convert-again", lambda n: [0, n - 3])
     assert outcomes["old"] == 1 and outcomes["rolled forward"] == 1, outcomes
 
 

@@ -249,7 +249,7 @@ def test_paths_with_line_separators_and_undecodable_bytes_round_trip(tmp_path):
 
 # -- kill -9 during `shitu index build` ---------------------------------------------------------------------
 
-EXCHANGE = "shitu.index.core:_exchange_directories"
+EXCHANGE = "shitu.fileio:_exchange_directories"
 
 
 @pytest.fixture(scope="module")
