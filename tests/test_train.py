@@ -655,7 +655,7 @@ def test_settings_take_the_recipe_defaults_and_the_config_overrides(dataset, tmp
     from shitu.train.settings import TrainSettings
 
     def settings(model: str, **overrides):
-        config = load_config(model, overrides)
+        config = load_config(model, {"Train.pretrain_weight_path": None, **overrides})
         return TrainSettings.from_config(config, output=tmp_path / "run", dataset_dir=dataset)
 
     rec = settings("PP-ShiTuV2_rec")

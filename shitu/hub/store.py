@@ -324,7 +324,7 @@ def training_weights_from_url(spec_or_name: Any, url: str, *, show_progress: boo
             fetched = download(
                 url,
                 target,
-                what=f"the training weights of {spec.name}",
+                what=f"the training weights file of {spec.name}",
                 hint=hint,
                 expected_size=expected_size,
                 expected_sha256=expected_sha256,
