@@ -41,6 +41,32 @@ ModelDirOption = Annotated[
     typer.Option("--model-dir", help="Model bundle to embed with (default: the one the index was built with)."),
 ]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
+MinScoreOption = Annotated[
+    float | None,
+    typer.Option(
+        "--min-score", help="Answer 'unknown' when the best label's score is below this (default: the index's)."
+    ),
+]
+MinMarginOption = Annotated[
+    float | None,
+    typer.Option(
+        "--min-margin",
+        help="Answer 'unknown' when the best label's score beats the next label's by less (default: the index's).",
+    ),
+]
+
+
+class Vote(StrEnum):
+    nearest = "nearest"
+    rank = "rank"
+    mean = "mean"
+    sum = "sum"
+
+
+VoteOption = Annotated[
+    Vote | None,
+    typer.Option("--vote", help="How the hits choose a label (default: the index's rule, else nearest)."),
+]
 InputsArgument = Annotated[
     list[str],
     typer.Argument(
@@ -252,13 +278,18 @@ def search(
     exact: Annotated[bool, typer.Option("--exact", help="Compare with every stored vector (no HNSW).")] = False,
     model_dir: ModelDirOption = None,
     batch_size: BatchSizeOption = 32,
+    min_score: MinScoreOption = None,
+    min_margin: MinMarginOption = None,
+    vote: VoteOption = None,
     json: JsonOption = False,
 ) -> int:
-    """Find the nearest gallery items of each input image, and the label they vote for.
+    """Find the nearest gallery items of each input image, and the label they vote for, or "unknown".
 
-    With --json, one line per input on stdout: {"input", "label", "score", "hits": [{"key", "label", "path",
-    "score"}]}, hits best first; score is the cosine similarity. Unreadable inputs are reported on stderr, the
-    others still run, and the exit code is then 1.
+    The decision rule is the index's (set by 'shitu index calibrate'; none: every input gets a label), with
+    --min-score/--min-margin/--vote replacing its parts. With --json, one line per input on stdout: {"input",
+    "label" (null: unknown), "score", "margin", "accepted", "reason", "candidate", "hits": [{"key", "label",
+    "path", "score"}]}, hits best first; scores are cosine similarities. Unreadable inputs are reported on
+    stderr, the others still run, and the exit code is then 1.
     """
     from rich.markup import escape
 
@@ -284,10 +315,19 @@ def search(
             batch_size=batch_size,
             stdin=sys.stdin,
             report=report,
+            min_score=min_score,
+            min_margin=min_margin,
+            vote=vote.value if vote is not None else None,
         )
         for result in results:
             out.emit(result.to_json())
-            out.info(f"[bold]{escape(result.input)}[/] → label {result.label} (score {result.score:.4f})")
+            if result.accepted:
+                out.info(f"[bold]{escape(result.input)}[/] → label {result.label} (score {result.score:.4f})")
+            else:
+                out.info(
+                    f"[bold]{escape(result.input)}[/] → [yellow]unknown[/] (best: label {result.candidate}; "
+                    f"{escape(result.reason or '')})"
+                )
             for rank, hit in enumerate(result.hits, start=1):
                 out.info(f"  {rank:>2}. {hit.score:.4f}  label {hit.label:<6} key {hit.key:<6} {escape(hit.path)}")
     return 1 if errors else 0
