@@ -271,6 +271,93 @@ def evaluate(
     return 1 if result.failures else 0
 
 
+class HoldOut(StrEnum):
+    image = "image"
+    class_ = "class"
+
+
+@index_app.command("calibrate")
+def calibrate(
+    index_dir: IndexOption,
+    dataset: Annotated[Path, typer.Option("--dataset", help="Dataset folder whose query.txt is searched.")],
+    by: Annotated[
+        HoldOut, typer.Option("--by", help="Split fit and held-out queries by class (unseen products) or image.")
+    ] = HoldOut.class_,
+    target_precision: Annotated[
+        float | None,
+        typer.Option("--target-precision", min=0.0, max=1.0, help="Largest recall at this precision [default: 0.99]."),
+    ] = None,
+    max_f1: Annotated[bool, typer.Option("--max-f1", help="The rule of largest F1 instead.")] = False,
+    vote: VoteOption = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Hits per query the vote sees.")] = 5,
+    held_out: Annotated[
+        float, typer.Option("--held-out", min=0.05, max=0.95, help="Share of the queries kept out of the fit.")
+    ] = 0.5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the fit/held-out split.")] = 0,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="Folder for calibration.json and .png (default: INDEX-calibration beside it)."),
+    ] = None,
+    model_dir: ModelDirOption = None,
+    batch_size: BatchSizeOption = 32,
+    json: JsonOption = False,
+) -> int:
+    """Choose the index's decision rule (minimum score and margin) from a dataset's queries, and store it.
+
+    Each query is searched as a known item (whole gallery: its label is right) and as an unknown one (its
+    class held out of the gallery: "unknown" is right). The rule is fit on part of the queries and its
+    precision and recall are reported on the rest (--by class: products never seen while fitting).
+    """
+    from rich.table import Table
+
+    from shitu.index.calibrate import calibrate_index, summarise
+    from shitu.runtime import configure_jax
+
+    out = Output(json)
+    if max_f1 and target_precision is not None:
+        raise ShituError("give --target-precision or --max-f1, not both")
+    configure_jax()
+    with out.progress() as progress, _shown_warnings(out):
+        result = calibrate_index(
+            index_dir,
+            dataset,
+            by=by.value,
+            target_precision=0.99 if target_precision is None else target_precision,
+            max_f1=max_f1,
+            vote=vote.value if vote is not None else None,
+            k=k,
+            held_out=held_out,
+            seed=seed,
+            model_dir=model_dir,
+            output=output,
+            batch_size=batch_size,
+            progress=lambda n: progress("embedding", n, None),
+        )
+    out.emit(result.to_json())
+    table = Table(title="precision / recall on the fit queries", title_justify="left")
+    for column in ("min score", "precision", "recall"):
+        table.add_column(column, justify="right")
+    for point in summarise(result.curve):
+        table.add_row(f"{point['min_score']:.4f}", f"{point['precision']:.4f}", f"{point['recall']:.4f}")
+    out.render(table)
+    rule = result.rule
+    margin = "none" if rule.min_margin is None else f"{rule.min_margin:g}"
+    goal = "max F1" if result.objective == "max_f1" else f"precision ≥ {result.target_precision:g}"
+    out.info(
+        f"[green]Stored[/] vote {rule.vote}, min score {rule.min_score:.4f}, min margin {margin} ({goal}"
+        + ("" if result.reached else ", [yellow]not reached: highest precision kept[/]")
+        + ")"
+    )
+    for name, point in (("fit", result.fit), ("held out", result.held_out), ("held out, no rule", result.without_rule)):
+        out.info(
+            f"{name}: precision {point.precision:.4f}, recall {point.recall:.4f} ({point.known} known, "
+            f"{point.unknown} unknown; {point.wrong_accepted} wrongly accepted, {point.unknown_rejected} unknown "
+            "rejected)"
+        )
+    out.info(f"curve: {result.files['png']}")
+    return 0
+
+
 def search(
     inputs: InputsArgument,
     index_dir: IndexOption,
