@@ -93,6 +93,7 @@ def test_the_index_stores_its_rule(tmp_path) -> None:
     assert reopened.info["calibration"] == {"target_precision": 0.99}
     assert reopened.label_counts == {0: 2, 1: 2, 2: 2}
     items, vectors = reopened.vectors()
+    assert [item.label for item in items] == [0, 0, 1, 1, 2, 2]
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     np.testing.assert_allclose(vectors, unit, atol=1e-6)
     query_hits = reopened.search(features[2], k=3)[0]
