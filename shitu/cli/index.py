@@ -358,6 +358,42 @@ def calibrate(
     return 0
 
 
+@index_app.command("audit")
+def audit(
+    index_dir: IndexOption,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="Folder for audit.json and audit.html (default: INDEX-audit beside it)."),
+    ] = None,
+    near_duplicate: Annotated[
+        float, typer.Option("--near", min=-1.0, max=1.0, help="Cosine from which two labels' items are 'the same'.")
+    ] = 0.95,
+    hub_count: Annotated[
+        int, typer.Option("--hub-count", min=1, help="Other labels' items an item must be nearest to, to be a hub.")
+    ] = 3,
+    json: JsonOption = False,
+) -> int:
+    """Check a gallery by content: duplicates, likely mislabels, labels split apart, and hubs.
+
+    Works on the stored vectors (the images are read only to compare their bytes) and writes a JSON report
+    and a self-contained HTML page with the suspicious items side by side. Exit code 0 either way.
+    """
+    from shitu.index.audit import audit_index
+
+    out = Output(json)
+    report = audit_index(index_dir, output=output, near_duplicate=near_duplicate, hub_count=hub_count)
+    out.emit(report.to_json())
+    found = report.counts()
+    out.info(
+        f"{report.count} items, {report.num_labels} labels: {found['duplicates']} duplicate groups "
+        f"({sum(g['conflicting_labels'] for g in report.duplicates)} with different labels), "
+        f"{found['mislabels']} likely mislabels, {found['split_labels']} split labels, {found['hubs']} hubs"
+        + (f", [yellow]{found['unreadable']} images unreadable[/]" if found["unreadable"] else "")
+    )
+    out.info(f"report: {report.files['html']}")
+    return 0
+
+
 def search(
     inputs: InputsArgument,
     index_dir: IndexOption,
