@@ -13,6 +13,7 @@ from shitu.data.demo import demo_dataset_path, demo_start_weights_path
 from shitu.index import DecisionRule, open_index
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+PRODUCTS = 8
 
 
 def _lines(root: Path, split: str) -> list[str]:
@@ -27,6 +28,9 @@ def planted(tmp_path_factory) -> dict[str, Path | str]:
 
     root = tmp_path_factory.mktemp("openset") / "grocery"
     shutil.copytree(demo_dataset_path(), root)
+    for split in ("gallery", "query"):  # the first 8 products: a 16-image gallery, 24 queries
+        kept = [line for line in _lines(root, split) if int(line.rsplit(" ", 1)[1]) < PRODUCTS]
+        (root / f"{split}.txt").write_text("\n".join(kept) + "\n")
     gallery = _lines(root, "gallery")
     by_label = {int(line.rsplit(" ", 1)[1]): line.rsplit(" ", 1)[0] for line in reversed(gallery)}
     mislabel = "images/planted/mislabel.jpg"
@@ -59,7 +63,7 @@ def test_audit_finds_the_planted_mislabel_and_duplicate(cli, planted, tmp_path) 
     pairs = [{pair["a"]["path"], pair["b"]["path"]} for pair in report["mislabels"]]
     assert {planted["mislabel"], planted["mislabel_original"]} in pairs
     assert {planted["duplicate"], planted["duplicate_original"]} not in pairs  # same label: not a mislabel
-    assert report["count"] == 42 and report["unreadable"] == []
+    assert report["count"] == 2 * PRODUCTS + 2 and report["unreadable"] == []
     page = (tmp_path / "audit" / "audit.html").read_text()
     assert page.count("data:image/jpeg;base64,") >= 4 and "different labels!" in page
     assert json.loads((tmp_path / "audit" / "audit.json").read_text())["found"] == report["found"]
@@ -121,20 +125,36 @@ def test_calibrate_stores_the_rule_and_search_uses_it(cli, planted, tmp_path) ->
 
 def test_eval_reports_open_set_numbers(cli, planted, tmp_path) -> None:
     root = tmp_path / "grocery"
-    shutil.copytree(demo_dataset_path(), root)
+    shutil.copytree(planted["root"], root)
     gallery = [line for line in _lines(root, "gallery") if int(line.rsplit(" ", 1)[1]) >= 2]
     (root / "gallery.txt").write_text("\n".join(gallery) + "\n")  # labels 0 and 1: 6 queries, no gallery image
     model = demo_start_weights_path()
-    plain = cli("eval", "--model-dir", model, "--dataset", root, "--output", tmp_path / "e1", "--json")
-    assert plain.code == 0, plain.stderr
-    numbers = plain.json()["details"]["open_set"]
-    assert numbers["unknown_queries"] == 6 and numbers["unknown_accepted"] == 6  # no rule: all get a label
-    assert numbers["known_queries"] == 54 and numbers["known_rejected"] == 0
     strict = cli("eval", "--model-dir", model, "--dataset", root, "--output", tmp_path / "e2", "--min-score", "1.01",
                  "--json")  # fmt: skip
+    assert strict.code == 0, strict.stderr
     numbers = strict.json()["details"]["open_set"]
-    assert numbers["unknown_rejected"] == 6 and numbers["known_rejected"] == 54 and numbers["precision"] is None
+    assert numbers["unknown_queries"] == 6 and numbers["known_queries"] == 3 * PRODUCTS - 6
+    assert numbers["unknown_rejected"] == 6 and numbers["known_rejected"] == 3 * PRODUCTS - 6
+    assert numbers["precision"] is None
     assert numbers["rule"]["min_score"] == pytest.approx(1.01)
     saved = json.loads((tmp_path / "e2" / "evaluate_result.json").read_text())
     assert saved["details"]["open_set"]["unknown_rejected"] == 6
-    assert "class not in the gallery" in strict.stderr or strict.code == 0
+
+
+def test_open_set_counts_without_and_with_a_rule() -> None:
+    import numpy as np
+
+    from shitu.evaluation.openset import open_set_metrics
+
+    gallery = np.eye(4, dtype=np.float32)  # labels 0..3, one picture each
+    queries = np.array([[1, 0.1, 0, 0], [0, 1, 0.2, 0], [0.6, 0.5, 0, 0], [0, 0, 0.2, 1]], np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    labels = [0, 2, 7, 3]  # query 1 is wrongly nearest to label 1; label 7 is not in the gallery
+    plain = open_set_metrics(queries, labels, gallery, [0, 1, 2, 3], DecisionRule())
+    assert (plain.unknown_queries, plain.unknown_accepted, plain.unknown_rejected) == (1, 1, 0)
+    assert (plain.known_right, plain.known_wrong, plain.known_rejected) == (2, 1, 0)
+    assert plain.precision == pytest.approx(2 / 4)
+    strict = open_set_metrics(queries, labels, gallery, [0, 1, 2, 3], DecisionRule(min_score=0.9))
+    assert (strict.unknown_rejected, strict.known_right, strict.known_wrong, strict.known_rejected) == (1, 2, 1, 0)
+    margin = open_set_metrics(queries, labels, gallery, [0, 1, 2, 3], DecisionRule(min_margin=0.5))
+    assert (margin.unknown_rejected, margin.known_right, margin.known_wrong) == (1, 2, 1)
