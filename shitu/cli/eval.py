@@ -55,6 +55,18 @@ def eval_command(
     input_size: Annotated[
         int | None, typer.Option("--input-size", min=8, help="Input resolution (default: the model's).")
     ] = None,
+    min_score: Annotated[
+        float | None,
+        typer.Option("--min-score", help="Open-set numbers: answer 'unknown' below this score (cosine)."),
+    ] = None,
+    min_margin: Annotated[
+        float | None,
+        typer.Option("--min-margin", help="Open-set numbers: answer 'unknown' below this margin over the next label."),
+    ] = None,
+    decision_from: Annotated[
+        Path | None,
+        typer.Option("--decision-from", help="Open-set numbers with the decision rule stored in this index."),
+    ] = None,
     override: OverrideOption = None,
     json: JsonOption = False,
     distributed: DistributedOption = False,
@@ -70,6 +82,10 @@ def eval_command(
 
     With several processes (--distributed, or --coordinator/--num-processes/--process-id) each embeds its
     share of the images; process 0 computes the metrics and writes the files.
+
+    When some query classes have no gallery image (or a rule is given), the open-set numbers follow: how
+    many such queries were rejected ("unknown") or accepted wrongly, under --decision-from's rule with
+    --min-score/--min-margin replacing its parts (no rule: every query gets a label).
     """
     from shitu.cli._shared import shown_warnings
     from shitu.evaluation.evaluate import evaluate_model
@@ -81,6 +97,7 @@ def eval_command(
     if mode not in MODES:
         raise ShituError(f"unknown --mode {mode!r} (choose from {', '.join(MODES)})")
     ks = _parse_topk(topk)
+    decision = _decision_rule(decision_from, min_score, min_margin)
     out, primary = join(
         json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
     )
@@ -101,6 +118,7 @@ def eval_command(
             pretrained=not random_weights,
             primary=primary,
             progress=progress,
+            decision=decision,
         )
     if not primary:  # process 0 writes and prints the results
         return 0
@@ -121,6 +139,20 @@ def eval_command(
     if result.examples is not None:
         out.info(f"examples: {result.examples}")
     return 0
+
+
+def _decision_rule(index: Path | None, min_score: float | None, min_margin: float | None) -> Any:
+    """The rule of the open-set numbers, or None (the default rule, only when some classes are unknown)."""
+    if index is None and min_score is None and min_margin is None:
+        return None
+    from shitu.index.decision import DecisionRule
+
+    base = DecisionRule()
+    if index is not None:
+        from shitu.index import open_index
+
+        base = open_index(index).decision_rule
+    return base.with_overrides(min_score=min_score, min_margin=min_margin)
 
 
 def _parse_topk(text: str) -> list[int]:
@@ -163,6 +195,8 @@ def _render(out: Output, result: Any, ks: list[int], per_class: bool) -> None:
         f"{without} queries have no image of their class in the gallery"
         + (" and are left out of every metric" if without and metrics.mode == "exact" else "")
     )
+    if result.open_set is not None:
+        _render_open_set(out, result.open_set)
     if per_class and metrics.per_class is not None:
         classes = Table(title="recall@1 per class (worst first)", title_justify="left")
         for column in ("class", "queries", "hits", "recall@1"):
@@ -177,6 +211,34 @@ def _render(out: Output, result: Any, ks: list[int], per_class: bool) -> None:
             for p in metrics.confused_pairs:
                 pairs.add_row(str(p.query_label), str(p.predicted_label), str(p.count))
             out.render(pairs)
+
+
+def _render_open_set(out: Output, numbers: Any) -> None:
+    from rich.table import Table
+
+    rule = numbers.rule
+    parts = [f"vote {rule['vote']}"]
+    for name in ("min_score", "min_margin"):
+        if rule[name] is not None:
+            parts.append(f"{name.replace('_', ' ')} {rule[name]:.4f}")
+    table = Table(title=f"open set ({', '.join(parts)}; top {numbers.k})", title_justify="left")
+    for column in ("queries", "count", "answered right", "answered wrong"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        "class not in the gallery",
+        str(numbers.unknown_queries),
+        f"{numbers.unknown_rejected} rejected",
+        f"{numbers.unknown_accepted} accepted",
+    )
+    table.add_row(
+        "class in the gallery",
+        str(numbers.known_queries),
+        f"{numbers.known_right} right label",
+        f"{numbers.known_wrong} wrong label, {numbers.known_rejected} rejected",
+    )
+    out.render(table)
+    if numbers.precision is not None:
+        out.info(f"precision of the accepted answers: {numbers.precision:.4f}")
 
 
 def register(app: typer.Typer) -> None:

@@ -41,6 +41,32 @@ ModelDirOption = Annotated[
     typer.Option("--model-dir", help="Model bundle to embed with (default: the one the index was built with)."),
 ]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
+MinScoreOption = Annotated[
+    float | None,
+    typer.Option(
+        "--min-score", help="Answer 'unknown' when the best label's score is below this (default: the index's)."
+    ),
+]
+MinMarginOption = Annotated[
+    float | None,
+    typer.Option(
+        "--min-margin",
+        help="Answer 'unknown' when the best label's score beats the next label's by less (default: the index's).",
+    ),
+]
+
+
+class Vote(StrEnum):
+    nearest = "nearest"
+    rank = "rank"
+    mean = "mean"
+    sum = "sum"
+
+
+VoteOption = Annotated[
+    Vote | None,
+    typer.Option("--vote", help="How the hits choose a label (default: the index's rule, else nearest)."),
+]
 InputsArgument = Annotated[
     list[str],
     typer.Argument(
@@ -251,6 +277,129 @@ def evaluate(
     return 1 if result.failures else 0
 
 
+class HoldOut(StrEnum):
+    image = "image"
+    class_ = "class"
+
+
+@index_app.command("calibrate")
+def calibrate(
+    index_dir: IndexOption,
+    dataset: Annotated[Path, typer.Option("--dataset", help="Dataset folder whose query.txt is searched.")],
+    by: Annotated[
+        HoldOut, typer.Option("--by", help="Split fit and held-out queries by class (unseen products) or image.")
+    ] = HoldOut.class_,
+    target_precision: Annotated[
+        float | None,
+        typer.Option("--target-precision", min=0.0, max=1.0, help="Largest recall at this precision [default: 0.99]."),
+    ] = None,
+    max_f1: Annotated[bool, typer.Option("--max-f1", help="The rule of largest F1 instead.")] = False,
+    vote: VoteOption = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Hits per query the vote sees.")] = 5,
+    held_out: Annotated[
+        float, typer.Option("--held-out", min=0.05, max=0.95, help="Share of the queries kept out of the fit.")
+    ] = 0.5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the fit/held-out split.")] = 0,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="Folder for calibration.json and .png (default: INDEX-calibration beside it)."),
+    ] = None,
+    model_dir: ModelDirOption = None,
+    batch_size: BatchSizeOption = 32,
+    json: JsonOption = False,
+) -> int:
+    """Choose the index's decision rule (minimum score and margin) from a dataset's queries, and store it.
+
+    Each query is searched as a known item (whole gallery: its label is right) and as an unknown one (its
+    class held out of the gallery: "unknown" is right). The rule is fit on part of the queries and its
+    precision and recall are reported on the rest (--by class: products never seen while fitting).
+    """
+    from rich.table import Table
+
+    from shitu.index.calibrate import calibrate_index, summarise
+    from shitu.runtime import configure_jax
+
+    out = Output(json)
+    if max_f1 and target_precision is not None:
+        raise ShituError("give --target-precision or --max-f1, not both")
+    configure_jax()
+    with out.progress() as progress, _shown_warnings(out):
+        result = calibrate_index(
+            index_dir,
+            dataset,
+            by=by.value,
+            target_precision=0.99 if target_precision is None else target_precision,
+            max_f1=max_f1,
+            vote=vote.value if vote is not None else None,
+            k=k,
+            held_out=held_out,
+            seed=seed,
+            model_dir=model_dir,
+            output=output,
+            batch_size=batch_size,
+            progress=lambda n: progress("embedding", n, None),
+        )
+    out.emit(result.to_json())
+    table = Table(title="precision / recall on the fit queries", title_justify="left")
+    for column in ("min score", "precision", "recall"):
+        table.add_column(column, justify="right")
+    for point in summarise(result.curve):
+        table.add_row(f"{point['min_score']:.4f}", f"{point['precision']:.4f}", f"{point['recall']:.4f}")
+    out.render(table)
+    rule = result.rule
+    margin = "none" if rule.min_margin is None else f"{rule.min_margin:g}"
+    goal = "max F1" if result.objective == "max_f1" else f"precision ≥ {result.target_precision:g}"
+    out.info(
+        f"[green]Stored[/] vote {rule.vote}, min score {rule.min_score:.4f}, min margin {margin} ({goal}"
+        + ("" if result.reached else ", [yellow]not reached: highest precision kept[/]")
+        + ")"
+    )
+    for name, point in (("fit", result.fit), ("held out", result.held_out), ("held out, no rule", result.without_rule)):
+        out.info(
+            f"{name}: precision {point.precision:.4f}, recall {point.recall:.4f} ({point.known} known, "
+            f"{point.unknown} unknown; {point.wrong_accepted} wrongly accepted, {point.unknown_rejected} unknown "
+            "rejected)"
+        )
+    out.info(f"curve: {result.files['png']}")
+    return 0
+
+
+@index_app.command("audit")
+def audit(
+    index_dir: IndexOption,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="Folder for audit.json and audit.html (default: INDEX-audit beside it)."),
+    ] = None,
+    near_duplicate: Annotated[
+        float, typer.Option("--near", min=-1.0, max=1.0, help="Cosine from which two labels' items are 'the same'.")
+    ] = 0.95,
+    hub_count: Annotated[
+        int, typer.Option("--hub-count", min=1, help="Other labels' items an item must be nearest to, to be a hub.")
+    ] = 3,
+    json: JsonOption = False,
+) -> int:
+    """Check a gallery by content: duplicates, likely mislabels, labels split apart, and hubs.
+
+    Works on the stored vectors (the images are read only to compare their bytes) and writes a JSON report
+    and a self-contained HTML page with the suspicious items side by side. Exit code 0 either way.
+    """
+    from shitu.index.audit import audit_index
+
+    out = Output(json)
+    report = audit_index(index_dir, output=output, near_duplicate=near_duplicate, hub_count=hub_count)
+    out.emit(report.to_json())
+    found = report.counts()
+    out.info(
+        f"{report.count} items, {report.num_labels} labels: {found['duplicates']} duplicate groups "
+        f"({sum(g['conflicting_labels'] for g in report.duplicates)} with different labels), "
+        f"{found['mislabels']} likely mislabels, {found['split_labels']} split labels, {found['hubs']} hubs"
+        + (f", [yellow]{found['unreadable']} images unreadable[/]" if found["unreadable"] else "")
+    )
+    out.info(f"report: {report.files['html']}")
+    return 0
+
+
 def search(
     inputs: InputsArgument,
     index_dir: IndexOption,
@@ -258,13 +407,18 @@ def search(
     exact: Annotated[bool, typer.Option("--exact", help="Compare with every stored vector (no HNSW).")] = False,
     model_dir: ModelDirOption = None,
     batch_size: BatchSizeOption = 32,
+    min_score: MinScoreOption = None,
+    min_margin: MinMarginOption = None,
+    vote: VoteOption = None,
     json: JsonOption = False,
 ) -> int:
-    """Find the nearest gallery items of each input image, and the label they vote for.
+    """Find the nearest gallery items of each input image, and the label they vote for, or "unknown".
 
-    With --json, one line per input on stdout: {"input", "label", "score", "hits": [{"key", "label", "path",
-    "score"}]}, hits best first; score is the cosine similarity. Unreadable inputs are reported on stderr, the
-    others still run, and the exit code is then 1.
+    The decision rule is the index's (set by 'shitu index calibrate'; none: every input gets a label), with
+    --min-score/--min-margin/--vote replacing its parts. With --json, one line per input on stdout: {"input",
+    "label" (null: unknown), "score", "margin", "accepted", "reason", "candidate", "hits": [{"key", "label",
+    "path", "score"}]}, hits best first; scores are cosine similarities. Unreadable inputs are reported on
+    stderr, the others still run, and the exit code is then 1.
     """
     from rich.markup import escape
 
@@ -290,10 +444,19 @@ def search(
             batch_size=batch_size,
             stdin=sys.stdin,
             report=report,
+            min_score=min_score,
+            min_margin=min_margin,
+            vote=vote.value if vote is not None else None,
         )
         for result in results:
             out.emit(result.to_json())
-            out.info(f"[bold]{escape(result.input)}[/] → label {result.label} (score {result.score:.4f})")
+            if result.accepted:
+                out.info(f"[bold]{escape(result.input)}[/] → label {result.label} (score {result.score:.4f})")
+            else:
+                out.info(
+                    f"[bold]{escape(result.input)}[/] → [yellow]unknown[/] (best: label {result.candidate}; "
+                    f"{escape(result.reason or '')})"
+                )
             for rank, hit in enumerate(result.hits, start=1):
                 out.info(f"  {rank:>2}. {hit.score:.4f}  label {hit.label:<6} key {hit.key:<6} {escape(hit.path)}")
     return 1 if errors else 0

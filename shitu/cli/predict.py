@@ -50,11 +50,22 @@ def predict(
         Path | None, typer.Option("--index", help="Search each feature in this retrieval index (shitu index).")
     ] = None,
     topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="Matches per image with --index.")] = 5,
+    min_score: Annotated[
+        float | None,
+        typer.Option(
+            "--min-score", help="With --index: 'unknown' (label null) below this score (default: the index's rule)."
+        ),
+    ] = None,
+    min_margin: Annotated[
+        float | None,
+        typer.Option("--min-margin", help="With --index: 'unknown' below this margin over the next label."),
+    ] = None,
     json: JsonOption = False,
 ) -> int:
     """Compute the feature of every input image: float32, unit length (e.g. 512-d).
 
-    --json: one line per image on stdout, {"input_path", "page_index": null, "feature": [...]} (+ "hits" with --index).
+    --json: one line per image on stdout, {"input_path", "page_index": null, "feature": [...]}; with --index also
+    "hits", "label" (null: "unknown", see --min-score) and "decision".
 
     An input that cannot be read (or resolves to nothing) is one error line on stderr; the others still run; exit 1.
 
@@ -109,7 +120,9 @@ def predict(
             out.problem("error", failure.message)
             progress("embedding", 1, len(paths))
 
-        for result in predictor.predict(paths, batch_size=batch_size, on_failure=failed):
+        for result in predictor.predict(
+            paths, batch_size=batch_size, on_failure=failed, min_score=min_score, min_margin=min_margin
+        ):
             done += 1
             progress("embedding", 1, len(paths))
             out.emit(result.json["res"])

@@ -270,15 +270,26 @@ class Predictor:
     """A recognizer (and optionally a retrieval index) behind PaddleX's ``model.predict`` interface.
 
     ``index`` is anything with ``search(features [N, D], k) -> list[list[Hit]]`` (a
-    :class:`shitu.index.RetrievalIndex`); each result then carries its ``topk`` nearest items as ``hits``.
+    :class:`shitu.index.RetrievalIndex`); each result then carries its ``topk`` nearest items as ``hits``,
+    its ``label`` (None: "unknown") and the ``decision`` (see :mod:`shitu.index.decision`) made by
+    ``decision`` (a DecisionRule or its JSON), else by the index's own rule (no thresholds without one).
     """
 
-    def __init__(self, recognizer: Any, *, index: Any | None = None, topk: int = DEFAULT_TOPK) -> None:
+    def __init__(
+        self, recognizer: Any, *, index: Any | None = None, topk: int = DEFAULT_TOPK, decision: Any | None = None
+    ) -> None:
         if topk < 1:
             raise ShituError(f"topk must be at least 1, got {topk}")
         self.recognizer = recognizer
         self.index = index
         self.topk = int(topk)
+        self.decision = decision
+
+    def _rule(self, decision: Any | None, min_score: float | None, min_margin: float | None, vote: str | None) -> Any:
+        from shitu.index.decision import resolve_rule
+
+        base = decision if decision is not None else self.decision
+        return resolve_rule(self.index, base, min_score=min_score, min_margin=min_margin, vote=vote)
 
     @property
     def model_name(self) -> str:
@@ -317,6 +328,10 @@ class Predictor:
         *,
         topk: int | None = None,
         on_failure: Callable[[Any], None] | None = None,
+        decision: Any | None = None,
+        min_score: float | None = None,
+        min_margin: float | None = None,
+        vote: str | None = None,
     ) -> Iterator[FeatureResult]:
         """Yield one :class:`FeatureResult` per input image, in order, lazily (``batch_size`` at a time).
 
@@ -328,10 +343,15 @@ class Predictor:
         still run (a
         :class:`shitu.embed.recognizer.EmbedFailure`; its ``index`` is -1 for an input that resolved to nothing).
         Features do not depend on ``batch_size``.
+
+        With an index, ``decision`` (a DecisionRule or its JSON; default: the predictor's, else the index's)
+        with ``min_score``/``min_margin``/``vote`` replacing its fields decides each result's ``label``.
         """
         k = self.topk if topk is None else int(topk)
         if self.index is not None and k < 1:
             raise ShituError(f"topk must be at least 1, got {k}")
+        rule = self._rule(decision, min_score, min_margin, vote) if self.index is not None else None
+        counts = getattr(self.index, "label_counts", None) if self.index is not None else None
         unresolved: list[tuple[int, Any]] = []
 
         def report(failure: Any) -> None:
@@ -366,6 +386,9 @@ class Predictor:
                 }
                 if self.index is not None:
                     data["hits"] = hits[item]
+                    made = rule.decide(hits[item], counts)
+                    data["label"] = made.label
+                    data["decision"] = made.to_json()
                 yield FeatureResult(data, index=index)
         report_unresolved(None)
 
@@ -393,6 +416,7 @@ def create_model(
     topk: int = DEFAULT_TOPK,
     seed: int = 0,
     pretrained: bool = True,
+    decision: Any | None = None,
 ) -> Predictor:
     """A :class:`Predictor` for ``model``: a bundle folder, or a registered model name.
 
@@ -401,13 +425,15 @@ def create_model(
     installed there first. ``pretrained=False`` (or a model that publishes no weights) builds the network with
     random weights (``seed``) and issues a :class:`RandomWeightsWarning`.
     ``input_size`` overrides the size images are resized to (default: the bundle's, else the model's).
-    ``index``: an index folder or an object with ``search`` (see :class:`Predictor`).
+    ``index``: an index folder or an object with ``search`` (see :class:`Predictor`). ``decision``: the
+    rule that answers "unknown" (a :class:`shitu.index.DecisionRule` or its JSON, e.g. ``{"min_score": 0.6}``;
+    default: the index's own).
     """
     from shitu.embed.resolve import resolve_model
 
     recognizer = resolve_model(model, input_size=input_size, seed=seed, pretrained=pretrained)
     searchable = open_index_for(index, recognizer) if index is not None else None
-    return Predictor(recognizer, index=searchable, topk=topk)
+    return Predictor(recognizer, index=searchable, topk=topk, decision=decision)
 
 
 # -- writing many results -----------------------------------------------------------------------------

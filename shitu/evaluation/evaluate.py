@@ -25,6 +25,7 @@ from shitu.evaluation.metrics import (
     RetrievalMetrics,
     retrieval_metrics,
 )
+from shitu.evaluation.openset import OpenSetMetrics, open_set_metrics
 from shitu.fileio import atomic_open, atomic_write_json
 
 EVALUATE_RESULT = "evaluate_result.json"
@@ -47,6 +48,7 @@ class EvalResult:
     warnings: list[str] = field(default_factory=list)
     examples: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    open_set: OpenSetMetrics | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +60,7 @@ class EvalResult:
             "warnings": self.warnings,
             "examples": str(self.examples) if self.examples is not None else None,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "open_set": self.open_set.to_json() if self.open_set is not None else None,
         }
 
 
@@ -133,6 +136,7 @@ def evaluate_dataset(
     sim_block_size: int = PADDLEX_SIM_BLOCK_SIZE,
     per_class: bool = False,
     confusion_pairs: int = 0,
+    decision: Any | None = None,
 ) -> EvalResult:
     """Embed the gallery and query lists of ``dataset_dir`` with ``recognizer.embed`` and compute the metrics.
 
@@ -141,6 +145,10 @@ def evaluate_dataset(
     :func:`shitu.evaluation.metrics.retrieval_metrics`. ``examples=(png_path, n)`` also draws n queries with
     their top-5 gallery matches (green frame: right label, red: wrong). ``progress(stage, advance, total)`` is
     called as images are embedded. Raises ShituError at the first bad list line or unreadable image.
+
+    Open-set numbers (:mod:`shitu.evaluation.openset`) are added when some query classes have no gallery
+    image or a ``decision`` rule (a :class:`shitu.index.DecisionRule`) is given; without one, the default
+    rule (no thresholds: every such query is accepted wrongly).
     """
     started = time.perf_counter()
     root, gallery, query, warnings = read_eval_lists(dataset_dir)
@@ -162,6 +170,14 @@ def evaluate_dataset(
         confusion_pairs=confusion_pairs,
         keep_ranking=EXAMPLE_MATCHES if examples is not None else 0,
     )
+    gallery_labels = [e.sample.label for e in gallery]
+    open_set = None
+    if decision is not None or {e.sample.label for e in query} - set(gallery_labels):
+        from shitu.index.decision import DecisionRule
+
+        rule = decision if decision is not None else DecisionRule()
+        labels = [e.sample.label for e in query]
+        open_set = open_set_metrics(query_features, labels, gallery_features, gallery_labels, rule)
     measured = time.perf_counter()
     describe = getattr(recognizer, "describe", None)
     result = EvalResult(
@@ -172,6 +188,7 @@ def evaluate_dataset(
         recognizer=describe() if callable(describe) else {},
         warnings=warnings,
         seconds={"embed": embedded - started, "metrics": measured - embedded},
+        open_set=open_set,
     )
     if examples is not None:
         path, count = examples
@@ -205,6 +222,7 @@ def evaluate_model(
     pretrained: bool = True,
     primary: bool = True,
     progress: Progress | None = None,
+    decision: Any | None = None,
 ) -> ModelEvaluation:
     """Evaluate the model ``reference`` (a bundle folder or a registered name, see
     :func:`shitu.embed.resolve.resolve_model`) on a dataset and write ``evaluate_result.json``.
@@ -215,7 +233,8 @@ def evaluate_model(
     it, the input size (``Train.input_size``). The dataset's lists are read before the model is loaded (a
     bad line fails at once). ``examples``: draw that many queries with their matches to
     ``OUTPUT/examples.png``. Only process 0 (``primary``) draws and writes. ``pretrained=False``: a model
-    name gets random weights instead of its installed or published ones.
+    name gets random weights instead of its installed or published ones. ``decision``: the rule the
+    open-set numbers use (see :func:`evaluate_dataset`).
     """
     from shitu.embed.resolve import model_config, resolve_model
 
@@ -240,6 +259,7 @@ def evaluate_model(
         sim_block_size=int(config.get("Evaluate.sim_block_size", 64)),
         per_class=per_class,
         confusion_pairs=confusion_pairs,
+        decision=decision,
     )
     written = write_evaluate_result(output_dir, result.metrics, result.to_json()) if primary else None
     return ModelEvaluation(result, output_dir, written)

@@ -16,11 +16,15 @@ from shitu.index.core import (
     open_index,
     vote,
 )
+from shitu.index.decision import VOTES, Decision, DecisionRule
 
 __all__ = [
     "DTYPES",
     "FORMAT",
     "FORMAT_VERSION",
+    "VOTES",
+    "Decision",
+    "DecisionRule",
     "Hit",
     "Item",
     "RetrievalIndex",

@@ -27,11 +27,14 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shitu.errors import ShituError
+
+if TYPE_CHECKING:
+    from shitu.index.decision import Decision, DecisionRule
 
 INDEX_FILE = "index.usearch"
 ITEMS_FILE = "items.jsonl"
@@ -134,6 +137,7 @@ class RetrievalIndex:
         self._info: dict[str, Any] = dict(info)
         self.path = path
         self._on_disk: str | None = None  # SHA-256 of index.json as read, to detect a change by someone else
+        self._label_counts: dict[int, int] | None = None
 
     # -- description --------------------------------------------------------------------------------
     @property
@@ -208,6 +212,52 @@ class RetrievalIndex:
 
     vote = staticmethod(vote)
 
+    # -- the decision rule and what it needs ------------------------------------------------------
+    @property
+    def decision_rule(self) -> DecisionRule:
+        """The rule stored in index.json (by ``shitu index calibrate``), or the default one (no thresholds)
+        for an index without one."""
+        from shitu.index.decision import INFO_KEY, DecisionRule
+
+        stored = self._info.get(INFO_KEY)
+        return DecisionRule() if stored is None else DecisionRule.from_json(stored)
+
+    def set_decision_rule(self, rule: DecisionRule | None, calibration: Mapping[str, Any] | None = None) -> None:
+        """Keep ``rule`` (None: remove the stored rule) and a summary of how it was chosen in the index's
+        description; :meth:`save` writes them."""
+        from shitu.index.decision import INFO_KEY
+
+        self._info.pop(INFO_KEY, None)
+        self._info.pop("calibration", None)
+        if rule is not None:
+            self._info[INFO_KEY] = rule.to_json()
+            if calibration is not None:
+                self._info["calibration"] = dict(calibration)
+
+    @property
+    def label_counts(self) -> dict[int, int]:
+        """How many stored items each label has (a fresh dict; counted once per change of the index)."""
+        if self._label_counts is None:
+            counts: dict[int, int] = {}
+            for item in self._items.values():
+                counts[item.label] = counts.get(item.label, 0) + 1
+            self._label_counts = counts
+        return dict(self._label_counts)
+
+    def vectors(self) -> tuple[list[Item], np.ndarray]:
+        """Every stored item (key order) and its stored vector as float32 [N, D] (unit length up to the
+        storage dtype's rounding)."""
+        items = self.items
+        if not items:
+            return items, np.zeros((0, self.dim), np.float32)
+        keys = np.asarray([item.key for item in items], dtype=np.uint64)
+        rows = self._index.get(keys, dtype=np.float32)
+        return items, np.ascontiguousarray(np.vstack(rows).reshape(len(items), self.dim), dtype=np.float32)
+
+    def decide(self, hits: Sequence[Hit], rule: DecisionRule | None = None) -> Decision:
+        """``rule`` (default: :attr:`decision_rule`) applied to one query's hits, with this index's label counts."""
+        return (rule or self.decision_rule).decide(hits, self.label_counts)
+
     # -- changes ------------------------------------------------------------------------------------
     def add(self, features: Any, labels: Sequence[int], paths: Sequence[str]) -> list[int]:
         """Add one vector per row with its label and path under new keys (never reused); returns the keys."""
@@ -223,6 +273,7 @@ class RetrievalIndex:
             self._items[key] = Item(int(key), int(label), str(path))
         self._info["next_key"] = start + len(matrix)
         self._info["count"] = len(self)
+        self._label_counts = None
         return keys.astype(np.int64).tolist()
 
     def keys_for(self, keys_or_paths: Iterable[int | str | os.PathLike[str]]) -> list[int]:
@@ -264,6 +315,7 @@ class RetrievalIndex:
             self._index.remove(np.asarray(keys, dtype=np.uint64))
         removed = [self._items.pop(key) for key in keys]
         self._info["count"] = len(self)
+        self._label_counts = None
         return removed
 
     # -- persistence --------------------------------------------------------------------------------
@@ -544,6 +596,10 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
     info_file = folder / INFO_FILE
     info_digest = _sha256(info_file)
     info = _read_info(folder)
+    if info.get("decision") is not None:  # a stored decision rule must be usable (older indexes have none)
+        from shitu.index.decision import DecisionRule
+
+        DecisionRule.from_json(info["decision"], path=info_file)
     for name in (INDEX_FILE, ITEMS_FILE):
         file = folder / name
         if not file.is_file():

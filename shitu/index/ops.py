@@ -17,6 +17,7 @@ import numpy as np
 
 from shitu.errors import ShituError
 from shitu.index.core import INFO_FILE, RetrievalIndex, vote
+from shitu.index.decision import DecisionRule
 
 
 @dataclass
@@ -266,15 +267,29 @@ def add_to_index(
 
 @dataclass
 class SearchResult:
-    """The nearest gallery items of one input image, best first, and the label they vote for."""
+    """The nearest gallery items of one input image, best first, and the decision on them: ``label`` is
+    None ("unknown") when the rule rejects the best candidate (``reason`` says why)."""
 
     input: str
     label: int | None
     score: float
     hits: list[Any]
+    candidate: int | None = None
+    margin: float | None = None
+    accepted: bool = True
+    reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"input": self.input, "label": self.label, "score": self.score, "hits": [h.to_json() for h in self.hits]}
+        return {
+            "input": self.input,
+            "label": self.label,
+            "score": self.score,
+            "margin": self.margin,
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "candidate": self.candidate,
+            "hits": [h.to_json() for h in self.hits],
+        }
 
 
 def search_images(
@@ -287,16 +302,26 @@ def search_images(
     batch_size: int = 32,
     stdin: IO[str] | None = None,
     report: Report | None = None,
+    rule: DecisionRule | None = None,
+    min_score: float | None = None,
+    min_margin: float | None = None,
+    vote: str | None = None,
 ) -> Iterator[SearchResult]:
     """Search the images of ``inputs`` (resolved by :func:`shitu.data.inputs.resolve`) in the index at
     ``index_dir``, lazily, one result per readable image in input order. Inputs that resolve to nothing or
     cannot be read are reported (``report("error", line)``; skipped files as warnings) and the others still
-    run. Embedded with ``model_dir`` or the model the index records."""
+    run. Embedded with ``model_dir`` or the model the index records.
+
+    The decision rule is ``rule``, else the one stored in the index (none: no thresholds), with
+    ``min_score``/``min_margin``/``vote`` replacing its fields where given (see :mod:`shitu.index.decision`)."""
     from shitu.data.inputs import resolve
     from shitu.index.core import open_index
+    from shitu.index.decision import resolve_rule
 
     report = report or _ignore
     index = open_index(index_dir)
+    chosen = resolve_rule(index, rule, min_score=min_score, min_margin=min_margin, vote=vote)
+    counts = index.label_counts
     resolved = resolve(inputs, stdin=stdin)
     for skipped in resolved.skipped:
         report("warning", skipped)
@@ -308,8 +333,17 @@ def search_images(
         for failure in failures:
             report("error", failure.message)
         for position, hits in zip(indices, index.search(features, k, exact=exact), strict=True):
-            label, score = vote(hits)
-            yield SearchResult(paths[position], label, score, hits)
+            decision = chosen.decide(hits, counts)
+            yield SearchResult(
+                paths[position],
+                decision.label,
+                decision.score,
+                hits,
+                candidate=decision.candidate,
+                margin=decision.margin,
+                accepted=decision.accepted,
+                reason=decision.reason,
+            )
 
 
 @dataclass
