@@ -95,3 +95,22 @@ def parity(session: nox.Session) -> None:
         "pytest", "-m", "slow", "-s", "tests/parity", "tests/test_weights.py", "tests/test_pplcnetv2.py", "-k",
         "full_size or parity or matches", *session.posargs,
     )  # fmt: skip
+
+
+@nox.session(python=PYTHON)
+def train_parity(session: nox.Session) -> None:
+    """Training parity with PaddleClas: 10 steps of each recipe from the same .pdparams on the same batches,
+    in Paddle and in shitu's compiled step; prints the per-step table (losses, largest state differences, and
+    what float32 rounding makes Paddle differ from itself).
+
+    Needs the photos in ../shared/data/grocery and PaddleClas' loss and optimizer files: a PaddleClas checkout in
+    $SHITU_PADDLECLAS_SRC or .work/paddleclas_src, or a clone in $SHITU_PADDLECLAS_GIT (see tests/paddle_support.py).
+    """
+    session.install("-e", ".[dev]")
+    session.install(*PADDLE_DEPS)
+    session.install("--no-deps", "paddleclas")
+    python = Path(session.bin) / "python"
+    session.run(
+        "pytest", "-m", "slow", "-s", "tests/parity/test_train_parity.py", *session.posargs,
+        env={"SHITU_PADDLE_PYTHON": str(python)},
+    )  # fmt: skip

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The Python of the environment with PaddlePaddle and paddleclas installed.
-PADDLE_PYTHON = ROOT / ".venv-paddle" / "bin" / "python"
+#: The Python of the environment with PaddlePaddle and paddleclas installed: ``$SHITU_PADDLE_PYTHON``, else
+#: ``.venv-paddle`` (a nox session that installs both sides in one environment points it at its own Python).
+PADDLE_PYTHON = Path(os.environ.get("SHITU_PADDLE_PYTHON") or ROOT / ".venv-paddle" / "bin" / "python")
 
 
 def paddleclas_source(files: Sequence[str], tmp_path: Path) -> Path | None:

@@ -276,10 +276,11 @@ def randomise(model, calibration: np.ndarray, seed: int) -> None:
             m._momentum = mom
             mean = m._mean.numpy()
             var = m._variance.numpy()
+            dtype = mean.dtype  # float32, or float64 under paddle.set_default_dtype("float64")
             mean = mean + rng.normal(0.0, 0.2, mean.shape) * np.sqrt(var + 1e-5)
             var = np.maximum(var, 1e-3) * np.exp(rng.normal(0.0, 0.2, var.shape))
-            m._mean.set_value(mean.astype(np.float32))
-            m._variance.set_value(var.astype(np.float32))
+            m._mean.set_value(mean.astype(dtype))
+            m._variance.set_value(var.astype(dtype))
     model.eval()
 
 
