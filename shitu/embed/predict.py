@@ -392,6 +392,8 @@ def create_model(
     input_size: int | None = None,
     topk: int = DEFAULT_TOPK,
     seed: int = 0,
+    backend: str | None = None,
+    precision: str | None = None,
 ) -> Predictor:
     """A :class:`Predictor` for ``model``: a bundle folder, or a registered model name.
 
@@ -399,10 +401,13 @@ def create_model(
     the network is built with random weights (``seed``) and a :class:`RandomWeightsWarning` is issued.
     ``input_size`` overrides the size images are resized to (default: the bundle's, else the model's).
     ``index``: an index folder or an object with ``search`` (see :class:`Predictor`).
+    ``backend`` (``jax`` default, ``onnxruntime``, ``openvino``, ``auto``) and ``precision`` (``fp32``,
+    ``bf16``): where the forward pass runs, see :mod:`shitu.export.backends`; the choice made is
+    ``predictor.recognizer.backend``.
     """
     from shitu.embed.resolve import resolve_model
 
-    recognizer = resolve_model(model, input_size=input_size, seed=seed)
+    recognizer = resolve_model(model, input_size=input_size, seed=seed, backend=backend, precision=precision)
     searchable = open_index_for(index, recognizer) if index is not None else None
     return Predictor(recognizer, index=searchable, topk=topk)
 

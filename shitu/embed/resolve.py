@@ -64,17 +64,28 @@ def resolve_model(
     seed: int = 0,
     num_classes: int | None = None,
     host: Any | None = None,
+    backend: str | None = None,
+    precision: str | None = None,
 ) -> Recognizer:
     """The :class:`~shitu.embed.recognizer.Recognizer` of ``reference`` (a bundle folder or a registered
     model name, see the module's docstring). ``input_size`` overrides the size images are resized to
     (default: the bundle's, else the model's); ``seed`` and ``num_classes`` only matter for a name without
-    an installed bundle. A ShituError for a missing or damaged bundle and for an unknown name."""
+    an installed bundle. A ShituError for a missing or damaged bundle and for an unknown name.
+
+    ``backend``/``precision``: where the forward pass runs (see :mod:`shitu.export.backends`); by default
+    the selection of :func:`shitu.export.backends.inference_backend`, else JAX in fp32."""
     from shitu.embed import recognizer
+    from shitu.export.backends import apply_backend
 
     located = locate_model(reference)
     if isinstance(located, Path):
-        return recognizer.load_recognizer(located, input_size=input_size, host=host)
-    return _without_installed_weights(located, input_size=input_size, seed=seed, num_classes=num_classes, host=host)
+        loaded = recognizer.load_recognizer(located, input_size=input_size, host=host)
+    else:
+        loaded = _without_installed_weights(
+            located, input_size=input_size, seed=seed, num_classes=num_classes, host=host
+        )
+    apply_backend(loaded, backend, precision)
+    return loaded
 
 
 def _without_installed_weights(
