@@ -15,7 +15,7 @@ from shitu.cli._distributed import (
     ProcessIdOption,
     join,
 )
-from shitu.cli._options import JsonOption, OverrideOption
+from shitu.cli._options import Backend, BackendOption, JsonOption, OverrideOption, Precision, PrecisionOption
 from shitu.cli._output import Output
 from shitu.errors import ShituError
 
@@ -62,6 +62,8 @@ def eval_command(
         int | None, typer.Option("--input-size", min=8, help="Input resolution (default: the model's).")
     ] = None,
     override: OverrideOption = None,
+    backend: BackendOption = Backend.jax,
+    precision: PrecisionOption = Precision.fp32,
     json: JsonOption = False,
     distributed: DistributedOption = False,
     coordinator: CoordinatorOption = None,
@@ -77,7 +79,7 @@ def eval_command(
     With several processes (--distributed, or --coordinator/--num-processes/--process-id) each embeds its
     share of the images; process 0 computes the metrics and writes the files.
     """
-    from shitu.cli._shared import shown_warnings
+    from shitu.cli._shared import chosen_backend, shown_warnings
     from shitu.evaluation.evaluate import evaluate_model
     from shitu.evaluation.metrics import MODES
     from shitu.runtime import configure_jax
@@ -91,7 +93,7 @@ def eval_command(
         json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
     )
     configure_jax()
-    with out.progress() as progress, shown_warnings(out):
+    with out.progress() as progress, shown_warnings(out), chosen_backend(out, backend, precision):
         evaluation = evaluate_model(
             model_dir if model_dir is not None else str(model),
             dataset=dataset,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from shitu.cli._options import JsonOption
+from shitu.cli._options import Backend, BackendOption, JsonOption, Precision, PrecisionOption
 from shitu.cli._output import Output
 from shitu.errors import ShituError
 
@@ -56,6 +56,8 @@ def predict(
         Path | None, typer.Option("--index", help="Search each feature in this retrieval index (shitu index).")
     ] = None,
     topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="Matches per image with --index.")] = 5,
+    backend: BackendOption = Backend.jax,
+    precision: PrecisionOption = Precision.fp32,
     json: JsonOption = False,
 ) -> int:
     """Compute the feature of every input image: float32, unit length (e.g. 512-d).
@@ -70,7 +72,7 @@ def predict(
     """
     from rich.markup import escape
 
-    from shitu.cli._shared import shown_warnings
+    from shitu.cli._shared import chosen_backend, shown_warnings
     from shitu.data.inputs import resolve
     from shitu.embed.predict import UniqueNames, create_model, write_feature_matrix
     from shitu.runtime import configure_jax
@@ -89,7 +91,7 @@ def predict(
         raise ShituError("no images to predict" + (" (see the errors above)" if problems else ""))
 
     configure_jax()
-    with shown_warnings(out):
+    with shown_warnings(out), chosen_backend(out, backend, precision):
         chosen: str | Path = model_dir if model_dir is not None else str(model)
         predictor = create_model(chosen, index=index, input_size=input_size, topk=topk)
     out.info(_model_line(predictor))

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,14 +155,16 @@ def write_onnx(model: Any, path: Path, *, input_size: int, batch: int | None = N
     level = serde_log.level
     serde_log.setLevel(logging.ERROR)
     try:
-        proto = to_onnx(
-            features,
-            spec,
-            model_name=name,
-            opset=ONNX_OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the converter's use of flax's older API
+            proto = to_onnx(
+                features,
+                spec,
+                model_name=name,
+                opset=ONNX_OPSET,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+            )
     except Exception as exc:  # the converter raises many types for what it cannot express
         raise ShituError(f"ONNX conversion failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
     finally:
