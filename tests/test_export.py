@@ -264,3 +264,21 @@ def test_cli_export_writes_the_folder_and_rejects_bad_input(cli, bundles, tmp_pa
         tmp_path / "one.png",
     )
     assert wrong.code != 0 and "fp32 only" in wrong.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["PP-ShiTuV2_rec", "PP-ShiTuV2_rec_CLIP_vit_base"])
+def test_full_size_exports_equal_jax_at_224(name, tmp_path):
+    """The real architectures at 224 px (random weights): ONNX Runtime and OpenVINO f32 within 1e-5 of JAX."""
+    from shitu.embed.resolve import resolve_model
+    from shitu.export.backends import OnnxRuntimeForward, OpenVinoForward
+    from shitu.export.convert import export_recognizer
+
+    with pytest.warns(UserWarning):  # random weights
+        recognizer = resolve_model(name)
+    images = np.random.default_rng(5).normal(0.0, 1.0, (4, 224, 224, 3)).astype(np.float32)
+    expected = recognizer.embed_arrays(images)
+    result = export_recognizer(recognizer, tmp_path / "export", format="onnx")
+    assert np.abs(OnnxRuntimeForward(result.model_file)(images) - expected).max() <= TOL
+    pytest.importorskip("openvino")
+    assert np.abs(OpenVinoForward(result.model_file)(images) - expected).max() <= TOL
