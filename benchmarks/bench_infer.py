@@ -66,7 +66,7 @@ def _peak_rss_mb() -> float:
 
 def child(args: argparse.Namespace) -> None:
     """Measure one runtime; print one JSON line."""
-    source, backend, precision = RUNTIMES[args.runtime]
+    source, backend, precision = RUNTIMES[args.child]
     reps = {1: args.reps1, 8: args.reps8, 32: args.reps32}
     started = time.perf_counter()
     if source == "shitu":
@@ -235,6 +235,8 @@ def main() -> None:
         if paddle is not None:
             rows[f"Paddle Inference {paddle['paddle']} (oneDNN)"] = paddle
 
+    for row in rows.values():  # JSON made the batch keys strings
+        row["median_s"] = {int(k): v for k, v in row["median_s"].items()}
     reference = rows.get("shitu JAX fp32", {}).get("features")
     base = rows.get("shitu JAX fp32", {}).get("median_s", {}).get(32)
     print()
@@ -244,15 +246,16 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
-        m = {int(k): v for k, v in row["median_s"].items()}
+        m = row["median_s"]
         ratio = f"{base / m[32]:.2f}×" if base else "-"
-        diff = "-"
+        diff = cosine = "-"
         if reference is not None and row.get("features") is not None:
             diff = f"{float(np.abs(row['features'] - reference).max()):.1e}"
+            cosine = f"{float(np.min(np.sum(row['features'] * reference, axis=1))):.6f}"
         rss = f"{row['peak_rss_mb']:.0f}" if row.get("peak_rss_mb") else "-"
         print(
             f"| {name} | {1 / m[1]:.1f} | {8 / m[8]:.1f} | {32 / m[32]:.1f} | {1000 * m[1]:.1f} | "
-            f"{row['first_s']:.2f} | {rss} | {ratio} | {diff} |"
+            f"{row['first_s']:.2f} | {rss} | {ratio} | {diff} | {cosine} |"
         )
 
 
