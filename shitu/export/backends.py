@@ -158,7 +158,14 @@ def exported_onnx(recognizer: Any) -> Path:
     folder = cache_dir() / "exported" / _cache_key(recognizer)
     model_file = folder / MODEL_FILES["onnx"]
     if not ((folder / MODEL_FILE).is_file() and model_file.is_file()):
-        export_recognizer(recognizer, folder, format="onnx")
+        try:
+            export_recognizer(recognizer, folder, format="onnx")
+        except OSError as exc:
+            raise ShituError(
+                f"cannot write the exported model to the cache: {exc.strerror or exc}",
+                path=folder,
+                hint="set SHITU_CACHE_DIR to a writable folder",
+            ) from None
     return model_file
 
 
