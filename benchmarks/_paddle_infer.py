@@ -105,6 +105,9 @@ def main() -> None:
     else:
         out = bench_dygraph(args.name, args.batches, args.reps, args.size)
     out["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
+    import resource
+
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps(out))
 
 

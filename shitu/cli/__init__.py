@@ -41,10 +41,11 @@ def _root(
 
 
 def _register_commands() -> None:
-    from shitu.cli import check, convert, demo, import_weights, index, models, plugins, predict, split, train
+    from shitu.cli import check, convert, demo, export, import_weights, index, models, plugins, predict, split, train
     from shitu.cli import eval as eval_cli
 
-    for module in (demo, check, convert, split, train, eval_cli, predict, index, import_weights, models, plugins):
+    modules = (demo, check, convert, split, train, eval_cli, predict, index, export, import_weights, models, plugins)
+    for module in modules:
         module.register(app)
 
 

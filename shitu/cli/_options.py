@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -37,4 +38,29 @@ RandomWeightsOption = Annotated[
     typer.Option(
         "--random-weights", help="With --model NAME: build the network with random weights instead (no download)."
     ),
+]
+
+
+class Backend(StrEnum):
+    jax = "jax"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+    auto = "auto"
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+BackendOption = Annotated[
+    Backend,
+    typer.Option(
+        "--backend",
+        help="Where the model runs: jax, onnxruntime or openvino (the exported model, cached), or auto (the "
+        "fastest measured here).",
+    ),
+]
+PrecisionOption = Annotated[
+    Precision, typer.Option("--precision", help="fp32, or bf16 where the backend and CPU have a bf16 path.")
 ]

@@ -51,3 +51,22 @@ def shown_warnings(out: Output) -> Iterator[None]:
 
         warnings.showwarning = show
         yield
+
+
+@contextmanager
+def chosen_backend(out: Output, backend: Any, precision: Any) -> Iterator[None]:
+    """While inside, models load on ``backend`` in ``precision`` (see :mod:`shitu.export.backends`); each
+    choice other than the default JAX fp32 is shown as one ``backend:`` line on stderr, in JSON mode too."""
+    backend, precision = str(getattr(backend, "value", backend)), str(getattr(precision, "value", precision))
+    if (backend, precision) == ("jax", "fp32"):
+        yield
+        return
+    from rich.markup import escape
+
+    from shitu.export.backends import inference_backend
+
+    def report(choice: Any) -> None:
+        out.console.print(f"[cyan]backend:[/] {escape(choice.describe())}")
+
+    with inference_backend(backend, precision, report=report):
+        yield

@@ -15,7 +15,16 @@ from shitu.cli._distributed import (
     ProcessIdOption,
     join,
 )
-from shitu.cli._options import JsonOption, ModelNameOption, OverrideOption, RandomWeightsOption
+from shitu.cli._options import (
+    Backend,
+    BackendOption,
+    JsonOption,
+    ModelNameOption,
+    OverrideOption,
+    Precision,
+    PrecisionOption,
+    RandomWeightsOption,
+)
 from shitu.cli._output import Output
 from shitu.errors import ShituError
 
@@ -68,6 +77,8 @@ def eval_command(
         typer.Option("--decision-from", help="Open-set numbers with the decision rule stored in this index."),
     ] = None,
     override: OverrideOption = None,
+    backend: BackendOption = Backend.jax,
+    precision: PrecisionOption = Precision.fp32,
     json: JsonOption = False,
     distributed: DistributedOption = False,
     coordinator: CoordinatorOption = None,
@@ -87,7 +98,7 @@ def eval_command(
     many such queries were rejected ("unknown") or accepted wrongly, under --decision-from's rule with
     --min-score/--min-margin replacing its parts (no rule: every query gets a label).
     """
-    from shitu.cli._shared import shown_warnings
+    from shitu.cli._shared import chosen_backend, shown_warnings
     from shitu.evaluation.evaluate import evaluate_model
     from shitu.evaluation.metrics import MODES
     from shitu.runtime import configure_jax
@@ -102,7 +113,7 @@ def eval_command(
         json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
     )
     configure_jax()
-    with out.progress() as progress, shown_warnings(out):
+    with out.progress() as progress, shown_warnings(out), chosen_backend(out, backend, precision):
         evaluation = evaluate_model(
             model_dir if model_dir is not None else str(model),
             dataset=dataset,

@@ -16,8 +16,17 @@ from shitu.cli._distributed import (
     ProcessIdOption,
     join,
 )
-from shitu.cli._options import JsonOption, ModelNameOption, RandomWeightsOption
+from shitu.cli._options import (
+    Backend,
+    BackendOption,
+    JsonOption,
+    ModelNameOption,
+    Precision,
+    PrecisionOption,
+    RandomWeightsOption,
+)
 from shitu.cli._output import Output
+from shitu.cli._shared import chosen_backend
 from shitu.cli._shared import shown_warnings as _shown_warnings
 from shitu.errors import ShituError
 
@@ -90,6 +99,8 @@ def build(
     dtype: Annotated[IndexDtype, typer.Option("--dtype", help="How vectors are stored.")] = IndexDtype.f32,
     batch_size: BatchSizeOption = 32,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index.")] = False,
+    backend: BackendOption = Backend.jax,
+    precision: PrecisionOption = Precision.fp32,
     json: JsonOption = False,
     distributed: DistributedOption = False,
     coordinator: CoordinatorOption = None,
@@ -110,7 +121,7 @@ def build(
         json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
     )
     configure_jax()
-    with out.progress() as progress, _shown_warnings(out):
+    with out.progress() as progress, _shown_warnings(out), chosen_backend(out, backend, precision):
         built = build_gallery_index(
             gallery,
             output,
@@ -149,6 +160,8 @@ def add(
     ] = None,
     model_dir: ModelDirOption = None,
     batch_size: BatchSizeOption = 32,
+    backend: BackendOption = Backend.jax,
+    precision: PrecisionOption = Precision.fp32,
     json: JsonOption = False,
 ) -> int:
     """Embed more images and add them to an index (new keys; the index is rewritten as a unit)."""
@@ -157,7 +170,7 @@ def add(
 
     out = Output(json)
     configure_jax()
-    with out.progress() as progress, _shown_warnings(out):
+    with out.progress() as progress, _shown_warnings(out), chosen_backend(out, backend, precision):
         result = add_to_index(
             index_dir,
             inputs=inputs,
@@ -410,6 +423,8 @@ def search(
     min_score: MinScoreOption = None,
     min_margin: MinMarginOption = None,
     vote: VoteOption = None,
+    backend: BackendOption = Backend.jax,
+    precision: PrecisionOption = Precision.fp32,
     json: JsonOption = False,
 ) -> int:
     """Find the nearest gallery items of each input image, and the label they vote for, or "unknown".
@@ -434,7 +449,7 @@ def search(
         out.problem(severity, message)
 
     configure_jax()
-    with _shown_warnings(out):
+    with _shown_warnings(out), chosen_backend(out, backend, precision):
         results = search_images(
             index_dir,
             inputs,

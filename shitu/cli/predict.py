@@ -8,7 +8,15 @@ from typing import Annotated, Any
 
 import typer
 
-from shitu.cli._options import JsonOption, ModelNameOption, RandomWeightsOption
+from shitu.cli._options import (
+    Backend,
+    BackendOption,
+    JsonOption,
+    ModelNameOption,
+    Precision,
+    PrecisionOption,
+    RandomWeightsOption,
+)
 from shitu.cli._output import Output
 from shitu.errors import ShituError
 
@@ -60,6 +68,8 @@ def predict(
         float | None,
         typer.Option("--min-margin", help="With --index: 'unknown' below this margin over the next label."),
     ] = None,
+    backend: BackendOption = Backend.jax,
+    precision: PrecisionOption = Precision.fp32,
     json: JsonOption = False,
 ) -> int:
     """Compute the feature of every input image: float32, unit length (e.g. 512-d).
@@ -75,7 +85,7 @@ def predict(
     """
     from rich.markup import escape
 
-    from shitu.cli._shared import shown_warnings
+    from shitu.cli._shared import chosen_backend, shown_warnings
     from shitu.data.inputs import resolve
     from shitu.embed.predict import UniqueNames, create_model, write_feature_matrix
     from shitu.runtime import configure_jax
@@ -94,7 +104,7 @@ def predict(
         raise ShituError("no images to predict" + (" (see the errors above)" if problems else ""))
 
     configure_jax()
-    with shown_warnings(out):
+    with shown_warnings(out), chosen_backend(out, backend, precision):
         chosen: str | Path = model_dir if model_dir is not None else str(model)
         predictor = create_model(chosen, index=index, input_size=input_size, topk=topk, pretrained=not random_weights)
     out.info(_model_line(predictor))

@@ -417,6 +417,8 @@ def create_model(
     seed: int = 0,
     pretrained: bool = True,
     decision: Any | None = None,
+    backend: str | None = None,
+    precision: str | None = None,
 ) -> Predictor:
     """A :class:`Predictor` for ``model``: a bundle folder, or a registered model name.
 
@@ -427,11 +429,15 @@ def create_model(
     ``input_size`` overrides the size images are resized to (default: the bundle's, else the model's).
     ``index``: an index folder or an object with ``search`` (see :class:`Predictor`). ``decision``: the
     rule that answers "unknown" (a :class:`shitu.index.DecisionRule` or its JSON, e.g. ``{"min_score": 0.6}``;
-    default: the index's own).
+    default: the index's own). ``backend`` (``jax`` default, ``onnxruntime``, ``openvino``, ``auto``) and
+    ``precision`` (``fp32``, ``bf16``): where the forward pass runs, see :mod:`shitu.export.backends`; the
+    choice made is ``predictor.recognizer.backend``.
     """
     from shitu.embed.resolve import resolve_model
 
-    recognizer = resolve_model(model, input_size=input_size, seed=seed, pretrained=pretrained)
+    recognizer = resolve_model(
+        model, input_size=input_size, seed=seed, pretrained=pretrained, backend=backend, precision=precision
+    )
     searchable = open_index_for(index, recognizer) if index is not None else None
     return Predictor(recognizer, index=searchable, topk=topk, decision=decision)
 

@@ -82,7 +82,18 @@ class Recognizer:
         self.bundle = bundle
         self.config = config
         self.max_pixels = max_pixels
-        self.embedder = Embedder(model)
+        self.embedder = Embedder(model)  # shitu's JAX forward (training's evaluation swaps its weights)
+        self.forward: Callable[[np.ndarray], np.ndarray] = self.embedder  # what embed_arrays calls
+        self.backend: Any = None  # the BackendChoice of use_backend; None: JAX fp32
+
+    def use_backend(self, backend: str = "jax", precision: str = "fp32") -> Any:
+        """Embed with ``backend`` (``jax``, ``onnxruntime``, ``openvino`` or ``auto``) in ``precision``
+        (``fp32`` or ``bf16``) from now on; preprocessing is unchanged. Returns the
+        :class:`~shitu.export.backends.BackendChoice` made; a ShituError when it cannot run here."""
+        from shitu.export.backends import make_forward
+
+        self.forward, self.backend = make_forward(self, backend, precision)
+        return self.backend
 
     @property
     def name(self) -> str:
@@ -121,7 +132,7 @@ class Recognizer:
 
     def embed_arrays(self, images: np.ndarray) -> np.ndarray:
         """Preprocessed float32 [N, S, S, 3] → float32 [N, D] unit rows."""
-        return self.embedder(images)
+        return self.forward(images)
 
     def iter_loaded(
         self,

@@ -80,18 +80,29 @@ def resolve_model(
     num_classes: int | None = None,
     host: Any | None = None,
     pretrained: bool = True,
+    backend: str | None = None,
+    precision: str | None = None,
 ) -> Recognizer:
     """The :class:`~shitu.embed.recognizer.Recognizer` of ``reference`` (a bundle folder or a registered
     model name, see the module's docstring). ``input_size`` overrides the size images are resized to
     (default: the bundle's, else the model's); ``seed`` and ``num_classes`` only matter for a name without
     an installed bundle. ``pretrained=False`` builds a name with random weights on purpose. A ShituError for a
-    missing or damaged bundle, an unknown name, and published weights that cannot be fetched."""
+    missing or damaged bundle, an unknown name, and published weights that cannot be fetched.
+
+    ``backend``/``precision``: where the forward pass runs (see :mod:`shitu.export.backends`); by default
+    the selection of :func:`shitu.export.backends.inference_backend`, else JAX in fp32."""
     from shitu.embed import recognizer
+    from shitu.export.backends import apply_backend
 
     located = locate_model(reference, pretrained=pretrained)
     if isinstance(located, Path):
-        return recognizer.load_recognizer(located, input_size=input_size, host=host)
-    return _without_installed_weights(located, input_size=input_size, seed=seed, num_classes=num_classes, host=host)
+        loaded = recognizer.load_recognizer(located, input_size=input_size, host=host)
+    else:
+        loaded = _without_installed_weights(
+            located, input_size=input_size, seed=seed, num_classes=num_classes, host=host
+        )
+    apply_backend(loaded, backend, precision)
+    return loaded
 
 
 def _without_installed_weights(

@@ -25,10 +25,15 @@ def l2_normalize(features: Any) -> Any:
 
 
 class Embedder:
-    """Computes normalised features with ``model`` (an NNX recognition module; put in eval mode here)."""
+    """Computes normalised features with ``model`` (an NNX recognition module; put in eval mode here).
 
-    def __init__(self, model: Any, *, buckets: Sequence[int] = DEFAULT_BUCKETS) -> None:
+    ``compute_dtype`` (e.g. ``jnp.bfloat16``) runs the network with its floating-point parameters and the
+    images cast to that type; the features are normalised and returned in float32 either way.
+    """
+
+    def __init__(self, model: Any, *, buckets: Sequence[int] = DEFAULT_BUCKETS, compute_dtype: Any = None) -> None:
         import jax
+        import jax.numpy as jnp
         from flax import nnx
 
         if not buckets or any(b < 1 for b in buckets):
@@ -36,9 +41,18 @@ class Embedder:
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
         model.eval()
         self._graphdef, self._state = nnx.split(model)
+        if compute_dtype is not None:
+
+            def cast(leaf: Any) -> Any:
+                return leaf.astype(compute_dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+            self._state = jax.tree.map(cast, self._state)
 
         def forward(state: Any, images: Any) -> Any:
-            return l2_normalize(nnx.merge(self._graphdef, state)(images))
+            if compute_dtype is not None:
+                images = images.astype(compute_dtype)
+            features = nnx.merge(self._graphdef, state)(images)
+            return l2_normalize(features.astype(jnp.float32))
 
         self._forward = jax.jit(forward)
 

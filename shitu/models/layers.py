@@ -82,13 +82,16 @@ def same_padding(kernel_size: int) -> int:
 # --------------------------------------------------------------------------------------------------- functions
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0) -> jax.Array:
+def conv2d(
+    x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, *, pointwise_as_matmul: bool = True
+) -> jax.Array:
     """Dense NHWC convolution with an HWIO kernel and symmetric explicit padding.
 
     A 1×1 stride-1 convolution is a matmul over the channel axis (same result, and XLA:CPU runs a plain
-    dot faster than a 1×1 convolution)."""
+    dot faster than a 1×1 convolution) unless ``pointwise_as_matmul`` is False (the export form: ONNX
+    runtimes fuse a ``Conv`` with its bias and activation and keep one layout, but not a ``MatMul``)."""
     kh, kw = kernel.shape[:2]
-    if kh == kw == 1 and stride == 1 and padding == 0:
+    if pointwise_as_matmul and kh == kw == 1 and stride == 1 and padding == 0:
         return jnp.matmul(x, kernel[0, 0])
     return lax.conv_general_dilated(
         x,
@@ -267,9 +270,11 @@ class Conv2d(nnx.Module):
         shape = (kernel_size, kernel_size, in_channels, out_channels)
         self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
         self.bias = nnx.data(nnx.Param(jnp.asarray(np.zeros(out_channels, np.float32))) if use_bias else None)
+        # Export form (see :func:`use_export_ops`): 1×1 convolutions stay convolutions.
+        self.pointwise_as_matmul = True
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = conv2d(x, self.kernel[...], self.stride, self.padding)
+        y = conv2d(x, self.kernel[...], self.stride, self.padding, pointwise_as_matmul=self.pointwise_as_matmul)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -295,15 +300,35 @@ class DepthwiseConv2d(nnx.Module):
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = same_padding(kernel_size)
+        # Export form (see :func:`use_export_ops`): one grouped convolution instead of shifted slices.
+        self.grouped = False
         init = kernel_init or kaiming_normal(kernel_size * kernel_size)
         self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, channels), jnp.float32))
         self.bias = nnx.data(nnx.Param(jnp.asarray(np.zeros(channels, np.float32))) if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = depthwise_conv2d(x, self.kernel[...], self.stride, self.padding)
+        conv = depthwise_conv2d_grouped if self.grouped else depthwise_conv2d
+        y = conv(x, self.kernel[...], self.stride, self.padding)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+def use_export_ops(module: nnx.Module) -> nnx.Module:
+    """Switch every convolution in ``module`` (in place) to the ops ONNX runtimes run fastest, and return it.
+
+    Depthwise layers become one grouped convolution (``feature_group_count=C``: a single ``Conv`` with
+    ``group=C`` in ONNX) instead of k² shifted slices, and 1×1 convolutions stay convolutions instead of
+    matmuls, so ONNX Runtime / OpenVINO fuse each ``Conv`` with its bias and activation and keep one
+    layout. Same arithmetic, so the same results to float32 rounding; XLA:CPU runs this form slower (see
+    the module docstring), so it is for export only. Parameters and their tree are unchanged.
+    """
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, DepthwiseConv2d):
+            node.grouped = True
+        elif isinstance(node, Conv2d):
+            node.pointwise_as_matmul = False
+    return module
 
 
 def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:

@@ -23,6 +23,9 @@ Forms of the model (all share the same eval-mode outputs up to float32 rounding)
   those 113,152) + 1,024 BNNeck; the importer lists Paddle's stale ``dw_conv.*`` as ``unused``.
 - **deploy form** (``deploy=True``, or :func:`fuse`): each such block holds one fused depthwise conv with
   bias, ``dw_conv`` (Paddle's re-parameterised ``dw_conv``): 4,557,312 backbone parameters.
+- **export form** (``model.inference_form(export=True)``): the folded form below with each depthwise conv
+  written as one grouped convolution and 1×1 convolutions kept as convolutions (what ONNX Runtime and
+  OpenVINO have fused kernels for); used by :mod:`shitu.export`.
 - **folded form** (:func:`fold_batchnorm`): the deploy form with every ConvBN's BatchNorm folded into its
   conv, and the eval-mode dropout scale (0.8) and the BNNeck folded into ``last_conv``. Inference only:
   no BatchNorm or dropout is left (``train()`` changes nothing), ``model.neck is None`` and the backbone
@@ -62,6 +65,7 @@ from shitu.models.layers import (
     bn_fold_factors,
     kaiming_normal,
     normal,
+    use_export_ops,
 )
 from shitu.models.spec import ImportReport
 
@@ -350,6 +354,14 @@ class PPShiTuV2Rec(nnx.Module):
     def logits(self, features: jax.Array, labels: jax.Array | None = None) -> jax.Array:
         """Training-head logits (plain FC, no margin: ``labels`` is accepted and ignored)."""
         return self.head(features, labels)
+
+    def inference_form(self, *, export: bool = False) -> PPShiTuV2Rec:
+        """An inference-only copy with this model's eval-mode features: :func:`fold_batchnorm`'s folded
+        form; with ``export`` also :func:`~shitu.models.layers.use_export_ops` (grouped depthwise and 1×1
+        convolutions, the graph ONNX runtimes run fast). ``self`` is unchanged."""
+        folded = fold_batchnorm(self)
+        folded.eval()
+        return use_export_ops(folded) if export else folded
 
 
 def build_pp_shituv2_rec(

@@ -1,0 +1,263 @@
+"""Inference of PP-ShiTuV2_rec at 224 px on every runtime side by side: shitu's JAX model (fp32, bf16), shitu's
+exported ONNX graph in ONNX Runtime and in OpenVINO (f32, bf16) and, when ``.venv-paddle`` exists (paddlepaddle
++ paddle2onnx, see reference/stack_notes.md), Paddle Inference and paddle2onnx's graph of the same weights.
+
+    .venv/bin/python benchmarks/bench_infer.py            # about 5-10 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_infer.py --quick    # fewer repetitions
+
+Weights: PaddleClas' random reference model (``.work/parity/PP-ShiTuV2_rec``, made by
+``tests/parity/paddle_reference.py`` with the Paddle environment) imported into a shitu bundle, so every runtime
+computes the same features (the table's last column is each one's largest difference to shitu JAX fp32);
+without it, a random shitu bundle and no Paddle rows. Each runtime runs in a process of its own (its peak memory
+is that process's maximum resident size), on preprocessed random images, with as many threads as the process
+may use. "first call" is setting the runtime up plus the first batch-1 call, with the ONNX graph already exported
+(the export time is printed separately). Prints the CPU model and flags, and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_flags, cpu_model
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / ".work" / "bench_infer"
+PARITY = ROOT / ".work" / "parity" / "PP-ShiTuV2_rec"
+PADDLE_PY = ROOT / ".venv-paddle" / "bin" / "python"
+PADDLE2ONNX = ROOT / ".venv-paddle" / "bin" / "paddle2onnx"
+SIZE = 224
+BATCHES = (1, 8, 32)
+CHECK_BATCH = 4
+
+RUNTIMES = {
+    "shitu JAX fp32": ("shitu", "jax", "fp32"),
+    "shitu JAX bf16": ("shitu", "jax", "bf16"),
+    "shitu ONNX → ONNX Runtime": ("shitu", "onnxruntime", "fp32"),
+    "shitu ONNX → OpenVINO f32": ("shitu", "openvino", "fp32"),
+    "shitu ONNX → OpenVINO bf16": ("shitu", "openvino", "bf16"),
+    "paddle2onnx → ONNX Runtime": ("paddle2onnx", "onnxruntime", "fp32"),
+    "paddle2onnx → OpenVINO f32": ("paddle2onnx", "openvino", "fp32"),
+    "paddle2onnx → OpenVINO bf16": ("paddle2onnx", "openvino", "bf16"),
+}
+
+
+def _images(batch: int, layout: str, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(0.0, 1.0, (batch, SIZE, SIZE, 3)).astype(np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "NCHW" else x
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ------------------------------------------------------------------------------------------ one runtime (child)
+
+
+def child(args: argparse.Namespace) -> None:
+    """Measure one runtime; print one JSON line."""
+    source, backend, precision = RUNTIMES[args.child]
+    reps = {1: args.reps1, 8: args.reps8, 32: args.reps32}
+    started = time.perf_counter()
+    if source == "shitu":
+        from shitu.embed.resolve import resolve_model
+        from shitu.runtime import configure_jax
+
+        configure_jax()
+        recognizer = resolve_model(Path(args.bundle), backend=backend, precision=precision)
+        forward, layout = recognizer.embed_arrays, "NHWC"
+    else:
+        from shitu.export.backends import OnnxRuntimeForward, OpenVinoForward
+
+        model_file = Path(args.onnx)
+        if backend == "onnxruntime":
+            session = OnnxRuntimeForward(model_file)
+        else:
+            session = OpenVinoForward(model_file, precision=precision)
+        forward, layout = session, "NCHW"
+    forward(_images(1, layout))
+    first = time.perf_counter() - started
+    results = {}
+    for batch in BATCHES:
+        x = _images(batch, layout, seed=batch)
+        forward(x)  # warm-up (a new shape compiles in JAX)
+        runs = []
+        for _ in range(reps[batch]):
+            t0 = time.perf_counter()
+            forward(x)
+            runs.append(time.perf_counter() - t0)
+        results[batch] = statistics.median(runs)
+    features = np.asarray(forward(_images(CHECK_BATCH, layout, seed=99)), np.float32)
+    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)  # Paddle's are not normalised
+    np.save(args.features, features)
+    print(json.dumps({"first_s": first, "median_s": results, "peak_rss_mb": _peak_rss_mb()}))
+
+
+def run_child(name: str, args: argparse.Namespace, bundle: Path, onnx_file: Path | None) -> dict | None:
+    features = WORK / f"features-{abs(hash(name))}.npy"
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--bundle",
+        str(bundle),
+        "--features",
+        str(features),
+        "--reps1",
+        str(args.reps1),
+        "--reps8",
+        str(args.reps8),
+        "--reps32",
+        str(args.reps32),
+    ]
+    if onnx_file is not None:
+        command += ["--onnx", str(onnx_file)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        print(f"  {name}: failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}", flush=True)
+        return None
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["features"] = np.load(features)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- Paddle
+
+
+def paddle_inference(args: argparse.Namespace) -> dict | None:
+    """Paddle Inference (MKLDNN) on the reference export, through benchmarks/_paddle_infer.py."""
+    helper = Path(__file__).resolve().parent / "_paddle_infer.py"
+    reps = [str(args.reps1), str(args.reps8), str(args.reps32)]
+    command = [str(PADDLE_PY), str(helper), "infer", "--model-dir", str(PARITY / "inference")]
+    command += ["--batches", *map(str, BATCHES), "--reps", *reps, "--size", str(SIZE)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        print(f"  Paddle Inference failed: {proc.stderr.strip()[-400:]}", flush=True)
+        return None
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    medians = {r["batch"]: r["median_s"] for r in doc["results"]}
+    first = doc["create_s"] + doc["results"][0]["first_s"]
+    return {"first_s": first, "median_s": medians, "peak_rss_mb": doc.get("peak_rss_mb"), "paddle": doc["paddle"]}
+
+
+def paddle2onnx_graph() -> Path | None:
+    target = WORK / "paddle2onnx" / "model.onnx"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    command = [str(PADDLE2ONNX), "-m", str(PARITY / "inference"), "-mf", "inference.json"]
+    command += ["-pf", "inference.pdiparams", "-s", str(target)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not target.is_file():
+        print(f"  paddle2onnx failed: {proc.stderr.strip()[-400:]}", flush=True)
+        return None
+    return target
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def shitu_bundle() -> tuple[Path, str]:
+    """The bundle every shitu runtime loads: PaddleClas' reference weights imported, else random weights."""
+    bundle = WORK / "bundle"
+    if (PARITY / "inference" / "inference.json").is_file():
+        if not bundle.is_dir():
+            from shitu.weights.importer import import_weights
+
+            import_weights("PP-ShiTuV2_rec", PARITY / "inference", bundle, overwrite=True)
+        return bundle, "PaddleClas reference export (random weights), imported"
+    if not bundle.is_dir():
+        from shitu.models.bundle import save_bundle
+        from shitu.plugins import get_host
+
+        spec = get_host().model("PP-ShiTuV2_rec")
+        save_bundle(bundle, spec=spec, model=spec.build(1, seed=0), num_classes=1)
+    return bundle, "random shitu weights (no Paddle reference export)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child")
+    parser.add_argument("--bundle")
+    parser.add_argument("--onnx")
+    parser.add_argument("--features")
+    parser.add_argument("--reps1", type=int, default=20)
+    parser.add_argument("--reps8", type=int, default=5)
+    parser.add_argument("--reps32", type=int, default=3)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.quick:
+        args.reps1, args.reps8, args.reps32 = 5, 2, 1
+    os.environ.setdefault("SHITU_CACHE_DIR", str(WORK / "cache"))
+    WORK.mkdir(parents=True, exist_ok=True)
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
+    print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; flags: {' '.join(flags)}", flush=True)
+    bundle, weights = shitu_bundle()
+    print(f"weights: {weights}", flush=True)
+
+    from shitu.embed.resolve import resolve_model
+    from shitu.export.backends import exported_onnx, jax_bf16_available
+
+    t0 = time.perf_counter()
+    exported_onnx(resolve_model(bundle))  # into the cache, so the children measure loading, not exporting
+    print(f"shitu ONNX export (jax2onnx + check): {time.perf_counter() - t0:.1f} s", flush=True)
+    have_paddle = PADDLE_PY.is_file() and (PARITY / "inference").is_dir()
+    p2o = paddle2onnx_graph() if have_paddle and PADDLE2ONNX.is_file() else None
+
+    rows: dict[str, dict] = {}
+    for name, (source, backend, precision) in RUNTIMES.items():
+        if source == "paddle2onnx" and p2o is None:
+            continue
+        if backend == "jax" and precision == "bf16" and not jax_bf16_available()[0]:
+            print(f"  {name}: skipped ({jax_bf16_available()[1]})", flush=True)
+            continue
+        print(f"{name} ...", flush=True)
+        result = run_child(name, args, bundle, p2o if source == "paddle2onnx" else None)
+        if result is not None:
+            rows[name] = result
+    if have_paddle:
+        print("Paddle Inference ...", flush=True)
+        paddle = paddle_inference(args)
+        if paddle is not None:
+            rows[f"Paddle Inference {paddle['paddle']} (oneDNN)"] = paddle
+
+    for row in rows.values():  # JSON made the batch keys strings
+        row["median_s"] = {int(k): v for k, v in row["median_s"].items()}
+    reference = rows.get("shitu JAX fp32", {}).get("features")
+    base = rows.get("shitu JAX fp32", {}).get("median_s", {}).get(32)
+    print()
+    print(
+        "| runtime | img/s b1 | img/s b8 | img/s b32 | b1 latency ms | first call s | peak RSS MB | b32 vs JAX fp32 "
+        "| max diff to JAX fp32 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        m = row["median_s"]
+        ratio = f"{base / m[32]:.2f}×" if base else "-"
+        diff = cosine = "-"
+        if reference is not None and row.get("features") is not None:
+            diff = f"{float(np.abs(row['features'] - reference).max()):.1e}"
+            cosine = f"{float(np.min(np.sum(row['features'] * reference, axis=1))):.6f}"
+        rss = f"{row['peak_rss_mb']:.0f}" if row.get("peak_rss_mb") else "-"
+        print(
+            f"| {name} | {1 / m[1]:.1f} | {8 / m[8]:.1f} | {32 / m[32]:.1f} | {1000 * m[1]:.1f} | "
+            f"{row['first_s']:.2f} | {rss} | {ratio} | {diff} | {cosine} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

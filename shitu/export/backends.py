@@ -1,0 +1,343 @@
+"""Where a recognizer's forward pass runs: shitu's JAX model, or its exported ONNX graph in ONNX Runtime or
+OpenVINO. Preprocessing stays shitu's whatever the backend; only the call ``images → features`` changes.
+
+- ``jax`` (default): the jitted, bucketed :class:`~shitu.models.inference.Embedder`. ``bf16`` runs the
+  BatchNorm-folded model in bfloat16 where the CPU has a bf16 path (AVX-512 BF16 or AMX; any GPU).
+- ``onnxruntime``: an ONNX Runtime CPU session with ``intra_op_num_threads`` = the cores this process may
+  use; fp32 only.
+- ``openvino``: an OpenVINO CPU compiled model, ``INFERENCE_PRECISION_HINT`` f32 or bf16 (bf16 only where
+  OpenVINO reports the CPU can).
+- ``auto``: times each available backend that supports the precision on one batch and keeps the fastest; the
+  choice is remembered per model, size, precision, CPU and thread count in ``cache_dir()/backends.json``.
+
+The ONNX graph is exported once per model (parameter checksum) and input size into
+``shitu.runtime.cache_dir()/exported/``; OpenVINO keeps its compiled blobs per precision in
+``cache_dir()/openvino``. So a second process neither re-exports nor recompiles.
+
+Commands choose a backend for everything they load with :func:`inference_backend` (a context); the API
+passes ``backend=``/``precision=`` to :func:`shitu.embed.predict.create_model` or ``resolve_model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shitu.errors import ShituError
+
+BACKENDS = ("jax", "onnxruntime", "openvino", "auto")
+PRECISIONS = ("fp32", "bf16")
+#: Images per timed call when ``auto`` measures the backends.
+AUTO_BATCH = 8
+CHOICES_FILE = "backends.json"
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend and precision a recognizer embeds with, and why (for ``auto``: what was measured)."""
+
+    backend: str = "jax"
+    precision: str = "fp32"
+    note: str = ""
+
+    def describe(self) -> str:
+        return f"{self.backend} {self.precision}" + (f" ({self.note})" if self.note else "")
+
+    def to_json(self) -> dict[str, str]:
+        return {"backend": self.backend, "precision": self.precision, "note": self.note}
+
+
+Forward = Callable[[np.ndarray], np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------- what is available
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def jax_bf16_available() -> tuple[bool, str]:
+    """Whether JAX has a fast bfloat16 path here, and why not: on CPU it needs AVX-512 BF16 or AMX."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return True, ""
+    flags = _cpu_flags()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return True, ""
+    return False, "this CPU has neither AVX-512 BF16 nor AMX, so JAX would emulate bf16 (slower than fp32)"
+
+
+def installed(backend: str) -> bool:
+    """Whether ``backend``'s runtime can be imported (jax always can)."""
+    if backend == "jax":
+        return True
+    module = {"onnxruntime": "onnxruntime", "openvino": "openvino"}[backend]
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def _require(backend: str) -> None:
+    if not installed(backend):
+        extra = "onnx" if backend == "onnxruntime" else "openvino"
+        raise ShituError(f"the {backend} backend is not installed", hint=f"pip install 'shitu[{extra}]'")
+
+
+def _openvino_bf16_available() -> tuple[bool, str]:
+    import openvino as ov
+
+    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" in capabilities:
+        return True, ""
+    return False, "OpenVINO reports no bf16 support on this CPU (it would run f32)"
+
+
+def check_choice(backend: str, precision: str) -> None:
+    """A ShituError for a backend or precision name that does not exist."""
+    if backend not in BACKENDS:
+        raise ShituError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ShituError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+# ------------------------------------------------------------------------------------------- exported graphs
+
+
+def _cache_key(recognizer: Any) -> str:
+    from shitu.export.convert import model_checksum
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", recognizer.name)
+    return f"{name}-{model_checksum(recognizer)}-{recognizer.input_size}px"
+
+
+def exported_onnx(recognizer: Any) -> Path:
+    """The recognizer's ONNX graph (dynamic batch) in ``cache_dir()/exported``, exported on first use."""
+    from shitu.export.convert import MODEL_FILE, MODEL_FILES, export_recognizer
+    from shitu.runtime import cache_dir
+
+    folder = cache_dir() / "exported" / _cache_key(recognizer)
+    model_file = folder / MODEL_FILES["onnx"]
+    if not ((folder / MODEL_FILE).is_file() and model_file.is_file()):
+        try:
+            export_recognizer(recognizer, folder, format="onnx")
+        except OSError as exc:
+            raise ShituError(
+                f"cannot write the exported model to the cache: {exc.strerror or exc}",
+                path=folder,
+                hint="set SHITU_CACHE_DIR to a writable folder",
+            ) from None
+    return model_file
+
+
+class OnnxRuntimeForward:
+    """``images → features`` through an ONNX Runtime CPU session (all cores this process may use)."""
+
+    def __init__(self, model_file: Path, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or cpu_threads()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        return np.asarray(self.session.run(None, {self.input_name: images})[0], np.float32)
+
+
+class OpenVinoForward:
+    """``images → features`` through an OpenVINO CPU compiled model, ``precision`` ``fp32`` or ``bf16``."""
+
+    def __init__(self, model_file: Path, *, precision: str = "fp32", threads: int | None = None) -> None:
+        import openvino as ov
+
+        from shitu.runtime import cache_dir
+
+        core = ov.Core()
+        config: dict[str, Any] = {
+            "INFERENCE_NUM_THREADS": threads or cpu_threads(),
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        }
+        blobs = cache_dir() / "openvino"
+        with contextlib.suppress(OSError):  # a read-only cache: compile every time instead
+            blobs.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(blobs)
+        self.compiled = core.compile_model(str(model_file), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        result = self.request.infer({0: images})
+        return np.array(result[self.compiled.output(0)], np.float32)  # a copy: the request reuses its buffer
+
+
+def _jax_forward(recognizer: Any, precision: str) -> Forward:
+    if precision == "fp32":
+        return recognizer.embedder
+    import jax.numpy as jnp
+
+    from shitu.export.convert import inference_form
+    from shitu.models.inference import Embedder
+
+    return Embedder(inference_form(recognizer.model), compute_dtype=jnp.bfloat16)
+
+
+def _refusal(backend: str, precision: str) -> str | None:
+    """Why ``backend`` cannot run ``precision`` here (None: it can)."""
+    if precision == "fp32":
+        return None
+    if backend == "onnxruntime":
+        return "ONNX Runtime's CPU provider runs shitu's graphs in fp32 only"
+    ok, why = jax_bf16_available() if backend == "jax" else _openvino_bf16_available()
+    return None if ok else why
+
+
+def make_forward(recognizer: Any, backend: str, precision: str) -> tuple[Forward, BackendChoice]:
+    """The forward call of ``recognizer`` on ``backend`` in ``precision``, and what was chosen.
+
+    A ShituError when the backend is not installed or cannot run the precision on this machine (with what
+    to do instead); ``auto`` picks by measuring (see the module docstring)."""
+    check_choice(backend, precision)
+    if backend == "auto":
+        return _auto(recognizer, precision)
+    _require(backend)
+    refusal = _refusal(backend, precision)
+    if refusal is not None:
+        raise ShituError(
+            f"--backend {backend} --precision {precision}: {refusal}",
+            hint="use --precision fp32, or --backend auto to pick one that can",
+        )
+    if backend == "jax":
+        return _jax_forward(recognizer, precision), BackendChoice("jax", precision)
+    model_file = exported_onnx(recognizer)
+    if backend == "onnxruntime":
+        return OnnxRuntimeForward(model_file), BackendChoice(backend, precision)
+    return OpenVinoForward(model_file, precision=precision), BackendChoice(backend, precision)
+
+
+def _time_forward(forward: Forward, images: np.ndarray) -> float:
+    """Seconds of the faster of two calls, after one warm-up call (compilation)."""
+    forward(images)
+    best = float("inf")
+    for _ in range(2):
+        started = time.perf_counter()
+        forward(images)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _auto(recognizer: Any, precision: str) -> tuple[Forward, BackendChoice]:
+    from shitu.fileio import atomic_write_json
+    from shitu.runtime import cache_dir
+
+    candidates = [b for b in BACKENDS[:-1] if installed(b) and _refusal(b, precision) is None]
+    if not candidates:
+        raise ShituError(f"no installed backend runs {precision} on this machine", hint="use --precision fp32")
+    key = f"{_cache_key(recognizer)}|{precision}|{_cpu_model()}|{cpu_threads()} threads"
+    file = cache_dir() / CHOICES_FILE
+    try:
+        remembered = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(remembered, dict):
+            remembered = {}
+    except (OSError, ValueError):
+        remembered = {}
+    known = remembered.get(key)
+    if isinstance(known, dict) and known.get("backend") in candidates:
+        forward, _ = make_forward(recognizer, known["backend"], precision)
+        return forward, BackendChoice(known["backend"], precision, f"auto, measured earlier: {known.get('note', '')}")
+    images = np.random.default_rng(0).normal(size=(AUTO_BATCH, recognizer.input_size, recognizer.input_size, 3))
+    images = images.astype(np.float32)
+    timings: dict[str, float] = {}
+    forwards: dict[str, Forward] = {}
+    for backend in candidates:
+        forward, _ = make_forward(recognizer, backend, precision)
+        timings[backend] = _time_forward(forward, images)
+        forwards[backend] = forward
+    best = min(timings, key=lambda b: timings[b])
+    measured = ", ".join(f"{b} {1000 * t:.0f} ms" for b, t in sorted(timings.items(), key=lambda item: item[1]))
+    note = f"{AUTO_BATCH} images: {measured}"
+    remembered[key] = {"backend": best, "note": note}
+    with contextlib.suppress(OSError):  # not remembering is only slower next time
+        atomic_write_json(file, remembered)
+    return forwards[best], BackendChoice(best, precision, f"auto, measured {note}")
+
+
+# ----------------------------------------------------------------------------------- the commands' selection
+
+
+@dataclass(frozen=True)
+class _Selection:
+    backend: str
+    precision: str
+    report: Callable[[BackendChoice], None] | None
+
+
+_selection: ContextVar[_Selection | None] = ContextVar("shitu_inference_backend", default=None)
+
+
+@contextlib.contextmanager
+def inference_backend(
+    backend: str = "jax", precision: str = "fp32", *, report: Callable[[BackendChoice], None] | None = None
+) -> Iterator[None]:
+    """While inside, every recognizer that :func:`shitu.embed.resolve.resolve_model` loads without an explicit
+    backend embeds with ``backend`` in ``precision``; ``report`` is called with each choice made."""
+    check_choice(backend, precision)
+    token = _selection.set(_Selection(backend, precision, report))
+    try:
+        yield
+    finally:
+        _selection.reset(token)
+
+
+def apply_backend(recognizer: Any, backend: str | None = None, precision: str | None = None) -> None:
+    """Put ``recognizer`` on ``backend``/``precision`` (each defaults to :func:`inference_backend`'s
+    selection, else ``jax``/``fp32``); the default JAX fp32 path is left as it is."""
+    selection = _selection.get()
+    chosen_backend = backend or (selection.backend if selection else "jax")
+    chosen_precision = precision or (selection.precision if selection else "fp32")
+    if (chosen_backend, chosen_precision) == ("jax", "fp32") and selection is None:
+        return
+    choice = recognizer.use_backend(chosen_backend, chosen_precision)
+    if selection is not None and selection.report is not None:
+        selection.report(choice)
