@@ -41,10 +41,23 @@ def _root(
 
 
 def _register_commands() -> None:
-    from shitu.cli import check, convert, demo, import_weights, index, models, plugins, predict, split, train
+    from shitu.cli import check, convert, demo, import_weights, index, models, plugins, predict, serve, split, train
     from shitu.cli import eval as eval_cli
 
-    for module in (demo, check, convert, split, train, eval_cli, predict, index, import_weights, models, plugins):
+    for module in (
+        demo,
+        check,
+        convert,
+        split,
+        train,
+        eval_cli,
+        predict,
+        index,
+        import_weights,
+        models,
+        plugins,
+        serve,
+    ):
         module.register(app)
 
 
