@@ -57,7 +57,12 @@ def serve(
 
     Binds 127.0.0.1 by default. Every write is on disk before it is acknowledged.
     """
-    from shitu.serve.app import ServeSettings, run
+    try:
+        from shitu.serve.app import ServeSettings, run
+    except ImportError as exc:
+        raise ShituError(
+            f"the service needs its extra packages ({exc.name} is missing)", hint="pip install 'shitu[serve]'"
+        ) from None
 
     if (model is None) == (model_dir is None):
         raise ShituError("give either --model NAME or --model-dir BUNDLE")
