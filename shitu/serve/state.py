@@ -163,7 +163,7 @@ class Gallery:
         self._names: dict[int, str] = dict(names)
         self._numbers: dict[str, int] = {}
         self._meta: dict[int, tuple[int, str | None, str | None, str | None]] = {}
-        self._by_hash: dict[str, int] = {}
+        self._by_hash: dict[str, dict[int, None]] = {}  # content hash → the keys stored with it, oldest first
         self._by_ref: dict[str, int] = {}
         self._by_label: dict[int, dict[int, None]] = {}
         for item in index.items:
@@ -187,19 +187,18 @@ class Gallery:
         self._label_name(label)
         self._meta[key] = (label, digest, ref, source)
         if digest is not None:
-            self._by_hash.setdefault(digest, key)
+            self._by_hash.setdefault(digest, {})[key] = None
         if ref is not None:
             self._by_ref[ref] = key
         self._by_label.setdefault(label, {})[key] = None
 
     def _forget(self, key: int) -> None:
         label, digest, ref, _ = self._meta.pop(key)
-        if digest is not None and self._by_hash.get(digest) == key:
-            del self._by_hash[digest]
-            for other, meta in self._meta.items():  # another copy (added with allow_duplicates) takes over
-                if meta[1] == digest:
-                    self._by_hash[digest] = other
-                    break
+        copies = self._by_hash.get(digest) if digest is not None else None
+        if copies is not None:
+            copies.pop(key, None)
+            if not copies:
+                del self._by_hash[digest]  # type: ignore[arg-type]
         if ref is not None:
             self._by_ref.pop(ref, None)
         members = self._by_label.get(label)
@@ -241,6 +240,8 @@ class Gallery:
     def _replay(self, record: dict[str, Any]) -> bool:
         """Apply a record found at startup unless the index already holds it; True if applied."""
         if record.get("op") == "add" and int(record["first_key"]) < int(self.index.info["next_key"]):
+            return False
+        if record.get("op") == "remove" and not any(key in self._meta for key in record["keys"]):
             return False
         with self._lock.write():
             self._apply(record)
@@ -300,7 +301,7 @@ class Gallery:
             for position, digest in enumerate(digests):
                 if not allow_duplicates and refs[position] is None:
                     if digest in self._by_hash:
-                        results[position] = Added(self._by_hash[digest], True)
+                        results[position] = Added(next(iter(self._by_hash[digest])), True)
                         continue
                     if digest in first_in_request:
                         continue  # resolved below, once its first copy has an id
