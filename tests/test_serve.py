@@ -360,6 +360,8 @@ def _check_after_restart(url: str, log: list[dict]) -> None:
                 expected[entry["label"]] = 2 if entry["acked"] else None
                 if entry["acked"]:
                     ids[entry["label"]] = entry["ids"]
+            elif entry["op"] == "lost":
+                continue
             elif entry["acked"]:
                 expected[entry["label"]] = 0
             else:
@@ -372,16 +374,15 @@ def _check_after_restart(url: str, log: list[dict]) -> None:
                 assert found["total"] == count, (label, found)
             if found["total"] == 2 and label in ids:
                 assert sorted(item["id"] for item in found["items"]) == sorted(ids[label])  # ids are stable
-            # settle what was in flight, so later rounds know it
-        for entry in log:
+        for entry in log:  # settle what was in flight: from now on it counts as what really happened
             if not entry["acked"]:
-                total = client.get("/v1/items", params={"label": entry["label"]}).json()["total"]
+                found = client.get("/v1/items", params={"label": entry["label"]}).json()
                 entry["acked"] = True
                 if entry["op"] == "add":
-                    entry["op"] = "add" if total == 2 else "lost"
-                    entry["ids"] = [
-                        i["id"] for i in client.get("/v1/items", params={"label": entry["label"]}).json()["items"]
-                    ]
+                    entry["op"] = "add" if found["total"] == 2 else "lost"
+                    entry["ids"] = [item["id"] for item in found["items"]]
+                elif found["total"] != 0:
+                    entry["op"] = "lost"  # the removal never happened
         info = client.get("/v1/index").json()
         assert info["count"] == sum(
             client.get("/v1/items", params={"label": label}).json()["total"] for label in expected
