@@ -41,11 +41,24 @@ def _root(
 
 
 def _register_commands() -> None:
-    from shitu.cli import check, convert, demo, export, import_weights, index, models, plugins, predict, split, train
+    from shitu.cli import (
+        check,
+        convert,
+        demo,
+        export,
+        import_weights,
+        index,
+        models,
+        plugins,
+        predict,
+        serve,
+        split,
+        train,
+    )
     from shitu.cli import eval as eval_cli
 
-    modules = (demo, check, convert, split, train, eval_cli, predict, index, export, import_weights, models, plugins)
-    for module in modules:
+    modules = (demo, check, convert, split, train, eval_cli, predict, index, export, serve, import_weights, models)
+    for module in (*modules, plugins):
         module.register(app)
 
 

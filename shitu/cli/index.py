@@ -415,7 +415,7 @@ def audit(
 
 def search(
     inputs: InputsArgument,
-    index_dir: IndexOption,
+    index_dir: Annotated[Path | None, typer.Option("--index", help="The index folder.")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Hits per input.")] = 5,
     exact: Annotated[bool, typer.Option("--exact", help="Compare with every stored vector (no HNSW).")] = False,
     model_dir: ModelDirOption = None,
@@ -425,6 +425,9 @@ def search(
     vote: VoteOption = None,
     backend: BackendOption = Backend.jax,
     precision: PrecisionOption = Precision.fp32,
+    server: Annotated[
+        str | None, typer.Option("--server", help="Search the gallery of a running 'shitu serve' at this URL.")
+    ] = None,
     json: JsonOption = False,
 ) -> int:
     """Find the nearest gallery items of each input image, and the label they vote for, or "unknown".
@@ -448,6 +451,10 @@ def search(
             errors.append(message)
         out.problem(severity, message)
 
+    if server is not None:
+        return _search_remote(out, server, inputs, k=k, batch_size=batch_size)
+    if index_dir is None:
+        raise ShituError("give --index DIR (or --server URL)")
     configure_jax()
     with _shown_warnings(out), chosen_backend(out, backend, precision):
         results = search_images(
@@ -475,6 +482,22 @@ def search(
             for rank, hit in enumerate(result.hits, start=1):
                 out.info(f"  {rank:>2}. {hit.score:.4f}  label {hit.label:<6} key {hit.key:<6} {escape(hit.path)}")
     return 1 if errors else 0
+
+
+def _search_remote(out: Output, server: str, inputs: list[str], *, k: int, batch_size: int) -> int:
+    """``search --server``: the inputs are read here and searched in the server's default gallery."""
+    from rich.markup import escape
+
+    from shitu.data.inputs import resolve
+    from shitu.serve.client import remote_search
+
+    resolved = resolve(inputs, stdin=sys.stdin, urls=False)
+    for problem in resolved.problems:
+        out.problem("error", problem)
+    for result in remote_search(server, resolved.paths, k=k, batch_size=batch_size):
+        out.emit(result)
+        out.info(f"[bold]{escape(result['input'])}[/] → label {escape(str(result['label']))} ({result['score']:.4f})")
+    return 1 if resolved.problems else 0
 
 
 def register(app: typer.Typer) -> None:

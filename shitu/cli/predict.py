@@ -70,6 +70,9 @@ def predict(
     ] = None,
     backend: BackendOption = Backend.jax,
     precision: PrecisionOption = Precision.fp32,
+    server: Annotated[
+        str | None, typer.Option("--server", help="Embed with a running 'shitu serve' at this URL instead.")
+    ] = None,
     json: JsonOption = False,
 ) -> int:
     """Compute the feature of every input image: float32, unit length (e.g. 512-d).
@@ -91,6 +94,8 @@ def predict(
     from shitu.runtime import configure_jax
 
     out = Output(json)
+    if server is not None:
+        return _predict_remote(out, server, inputs, batch_size=batch_size)
     if (model is None) == (model_dir is None):
         raise ShituError("give either --model NAME or --model-dir BUNDLE")
     resolved = resolve(inputs, stdin=sys.stdin)
@@ -165,6 +170,22 @@ def predict(
         return 1
     out.info(f"[green]{summary}[/]")
     return 0
+
+
+def _predict_remote(out: Output, server: str, inputs: list[str], *, batch_size: int) -> int:
+    """``predict --server``: the inputs are read here and embedded by the server."""
+    from shitu.data.inputs import resolve
+    from shitu.serve.client import remote_predict
+
+    resolved = resolve(inputs, stdin=sys.stdin, urls=False)
+    for problem in resolved.problems:
+        out.problem("error", problem)
+    done = 0
+    for result in remote_predict(server, resolved.paths, batch_size=batch_size):
+        out.emit(result)
+        done += 1
+    out.info(f"{done} of {len(resolved.paths)} images embedded by {server}")
+    return 1 if resolved.problems else 0
 
 
 def _model_line(predictor: Any) -> str:
