@@ -1,9 +1,10 @@
 """Loss building blocks, as PaddleClas computes them (reference/ppshitu_spec.md §3, §7).
 
-Pure JAX, float32, jit-able. A model's own loss (its :class:`shitu.models.spec.TrainingRecipe`'s ``loss``)
-combines these: :func:`features_and_logits` runs the module contract's forward, :func:`cross_entropy` is
-PaddleClas' ``CELoss`` (on plain FC logits, or on margin logits: an ArcMargin head applies its margin in
-``model.logits`` when given the labels), :func:`triplet_angular_margin_loss` its ``TripletAngularMarginLoss``.
+Pure JAX, float32 (float64 when given float64), jit-able. A model's own loss (its
+:class:`shitu.models.spec.TrainingRecipe`'s ``loss``) combines these: :func:`features_and_logits` runs the
+module contract's forward, :func:`cross_entropy` is PaddleClas' ``CELoss`` (on plain FC logits, or on margin
+logits: an ArcMargin head applies its margin in ``model.logits`` when given the labels),
+:func:`triplet_angular_margin_loss` its ``TripletAngularMarginLoss``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ import jax.numpy as jnp
 __all__ = ["cross_entropy", "features_and_logits", "triplet_angular_margin_loss"]
 
 
+def _at_least_float32(x: Any) -> jax.Array:
+    """``x`` in float32, or in float64 when it already is (x64 runs keep their precision)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, epsilon: float | None = 0.0) -> jax.Array:
     """PaddleClas ``CELoss``: mean over the batch of ``Σ_c −log_softmax(logits)_c · target_c``.
 
@@ -23,11 +30,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, epsilon: float | None = 
     ``epsilon`` (0, None, ≥ 1) means no smoothing, as upstream. ``logits`` [B, C], ``labels`` int [B]
     (or [B, 1]); returns a float32 scalar.
     """
-    logits = jnp.asarray(logits, jnp.float32)
+    logits = _at_least_float32(logits)
     labels = jnp.reshape(jnp.asarray(labels), (logits.shape[0],))
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     num_classes = logits.shape[-1]
-    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
     if epsilon is not None and 0.0 < float(epsilon) < 1.0:
         target = (1.0 - float(epsilon)) * one_hot + float(epsilon) / num_classes
     else:
@@ -63,7 +70,7 @@ def triplet_angular_margin_loss(
     Ties in the min/max share the gradient (JAX) where Paddle gives each tied entry the full gradient;
     only exact duplicate features tie.
     """
-    f = jnp.asarray(features, jnp.float32)
+    f = _at_least_float32(features)
     labels = jnp.reshape(jnp.asarray(labels), (f.shape[0],))
     if normalize_feature:
         f = f / jnp.sqrt(jnp.sum(jnp.square(f), axis=-1, keepdims=True))
@@ -85,5 +92,5 @@ def features_and_logits(model: Any, images: jax.Array, labels: jax.Array) -> tup
     (float32 [B, D]), ``logits = model.logits(features, labels)`` [B, C] (margin heads use the labels in
     training mode), ``labels`` flattened to [B]. The caller sets the model's mode."""
     labels = jnp.reshape(jnp.asarray(labels), (-1,))
-    features = jnp.asarray(model(images), jnp.float32)
+    features = _at_least_float32(model(images))
     return features, model.logits(features, labels), labels
