@@ -36,7 +36,8 @@ LOCK_SUFFIX = ".shitu-lock"
 DATASET_LOCK = ".shitu-lock"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to disk; best effort where unsupported."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # not supported everywhere (e.g. some network filesystems)
@@ -73,7 +74,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | N
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_directory(target.parent)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         fault = _fault(exc, target)
@@ -399,9 +400,9 @@ def _recover_locked(directory: Path) -> bool:
             os.replace(directory / tmp, directory / name)
         except FileNotFoundError:
             continue  # already renamed before the interruption
-    _fsync_dir(directory)
+    fsync_directory(directory)
     journal.unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fsync_directory(directory)
     return True
 
 
@@ -471,7 +472,7 @@ def _recover_directory_locked(target: Path) -> bool:
     if not aside:
         return False
     os.replace(aside[-1], target)
-    _fsync_dir(target.parent)
+    fsync_directory(target.parent)
     return True
 
 
@@ -501,7 +502,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(folder))
+        fsync_directory(Path(folder))
 
 
 def _swap_in(staging: Path, target: Path) -> None:
@@ -510,12 +511,12 @@ def _swap_in(staging: Path, target: Path) -> None:
     set aside in a ``.old`` sibling first (so :func:`_recover_directory_locked` can put it back)."""
     exists = target.exists() or target.is_symlink()
     if exists and _exchange_directories(staging, target):
-        _fsync_dir(target.parent)
+        fsync_directory(target.parent)
         shutil.rmtree(staging, ignore_errors=True)  # now the previous folder
         return
     if not exists:
         os.replace(staging, target)
-        _fsync_dir(target.parent)
+        fsync_directory(target.parent)
         return
     aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
     os.replace(target, aside / target.name)
@@ -524,7 +525,7 @@ def _swap_in(staging: Path, target: Path) -> None:
     except BaseException:
         os.replace(aside / target.name, target)
         raise
-    _fsync_dir(target.parent)
+    fsync_directory(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shitu.errors import ShituError
+from shitu.fileio import fsync_directory
 
 OFFLINE_ENV = "SHITU_OFFLINE"
 #: Seconds to wait for a connection or for the next bytes of a response.
@@ -56,19 +57,6 @@ def file_sha256(path: Path) -> str:
         while block := handle.read(CHUNK_BYTES):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _total_of(response: object, offset: int) -> tuple[int, int | None]:
@@ -136,7 +124,7 @@ def download(
                 hint="the file was changed or damaged on the way; nothing was installed",
             )
     os.replace(part, target)
-    _fsync_dir(target.parent)
+    fsync_directory(target.parent)
     return Downloaded(path=target, size=size, sha256=digest)
 
 

@@ -92,9 +92,9 @@ class Journal:
             handle.truncate(good)
             handle.seek(good)
             os.fsync(handle.fileno())
-        from shitu.fileio import _fsync_dir
+        from shitu.fileio import fsync_directory
 
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
         journal = cls(path, handle)
         journal.records = len(records)
         return journal, records
