@@ -350,6 +350,12 @@ def _top_ranked(sims: np.ndarray, k: int, col_bits: int) -> tuple[np.ndarray, np
     return cols, np.take_along_axis(sims, cols, axis=1)
 
 
+def similarity_block_rows(num_gallery: int, block_size: int = 1024) -> int:
+    """Queries per similarity block: at most ``block_size``, and few enough that one float32 block of
+    ``rows x num_gallery`` similarities stays near 256 MB (at least one row)."""
+    return max(1, min(int(block_size), _SIMILARITY_BLOCK_BYTES // (4 * num_gallery)))
+
+
 def retrieval_metrics(
     query_features: Any,
     query_labels: Any,
@@ -394,7 +400,7 @@ def retrieval_metrics(
     counts, starts = groups.positive_counts_and_starts(q_labels)
     col_bits = max(1, (num_gallery - 1).bit_length())
     max_rows_for_keys = 1 << max(0, 32 - col_bits)  # row, 32 score bits and column must fit in 64 bits
-    rows_per_block = max(1, min(int(block_size), _SIMILARITY_BLOCK_BYTES // (4 * num_gallery)))
+    rows_per_block = similarity_block_rows(num_gallery, block_size)
     rows_per_sub = max(1, min(rows_per_block, max_rows_for_keys, _CANDIDATE_ELEMENTS // num_gallery))
     top_k = min(keep_ranking, num_gallery)
     need_top1 = confusion_pairs > 0
