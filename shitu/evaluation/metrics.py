@@ -32,8 +32,8 @@ of its positives. When those candidates are few (a trained model), they and the 
 order-preserving integer key ``(row, score descending, gallery index)`` and one ``searchsorted`` among the
 sorted positive keys counts, for every positive, the items before it; when they are many (an untrained
 model), each positive's rank is counted directly over the row (``#greater + #equal with a lower index``).
-Either way the cost is the matmul plus work linear in the row; the benchmark (benchmarks/bench_eval.py) puts
-the matmul at about 90 % of the time.
+Either way the cost is the matmul plus work linear in the row; the benchmark (benchmarks/bench_eval.py) measures
+the metrics at about 1.1x the bare block matmuls (1.6x for an untrained model).
 
 The results are exact for the float32 similarities the matmul produced. BLAS may round a similarity one ulp
 differently for another block shape, which can swap two items whose similarities are within ~1e-7 of each
@@ -350,6 +350,12 @@ def _top_ranked(sims: np.ndarray, k: int, col_bits: int) -> tuple[np.ndarray, np
     return cols, np.take_along_axis(sims, cols, axis=1)
 
 
+def similarity_block_rows(num_gallery: int, block_size: int = 1024) -> int:
+    """Queries per similarity block: at most ``block_size``, and few enough that one float32 block of
+    ``rows x num_gallery`` similarities stays near 256 MB (at least one row)."""
+    return max(1, min(int(block_size), _SIMILARITY_BLOCK_BYTES // (4 * num_gallery)))
+
+
 def retrieval_metrics(
     query_features: Any,
     query_labels: Any,
@@ -394,7 +400,7 @@ def retrieval_metrics(
     counts, starts = groups.positive_counts_and_starts(q_labels)
     col_bits = max(1, (num_gallery - 1).bit_length())
     max_rows_for_keys = 1 << max(0, 32 - col_bits)  # row, 32 score bits and column must fit in 64 bits
-    rows_per_block = max(1, min(int(block_size), _SIMILARITY_BLOCK_BYTES // (4 * num_gallery)))
+    rows_per_block = similarity_block_rows(num_gallery, block_size)
     rows_per_sub = max(1, min(rows_per_block, max_rows_for_keys, _CANDIDATE_ELEMENTS // num_gallery))
     top_k = min(keep_ranking, num_gallery)
     need_top1 = confusion_pairs > 0
@@ -404,6 +410,8 @@ def retrieval_metrics(
     top1 = np.zeros(num_queries, np.int64) if need_top1 else None
     ranking = np.zeros((num_queries, top_k), np.int64) if top_k else None
     ranking_scores = np.zeros((num_queries, top_k), np.float32) if top_k else None
+    # One block at a time, ranked right after its matmul. Computing the next block's matmul in a thread while
+    # this one is ranked measured slower on 2 cores (BLAS already keeps every core busy; benchmarks/RESULTS.md).
     buffer = np.empty((min(rows_per_block, num_queries), num_gallery), np.float32)
     for block_start in range(0, num_queries, rows_per_block):
         block_stop = min(block_start + rows_per_block, num_queries)
