@@ -51,6 +51,7 @@ class Backend(StrEnum):
 class Precision(StrEnum):
     fp32 = "fp32"
     bf16 = "bf16"
+    int8 = "int8"
 
 
 BackendOption = Annotated[
@@ -62,5 +63,19 @@ BackendOption = Annotated[
     ),
 ]
 PrecisionOption = Annotated[
-    Precision, typer.Option("--precision", help="fp32, or bf16 where the backend and CPU have a bf16 path.")
+    Precision,
+    typer.Option(
+        "--precision",
+        help="fp32; bf16 where the backend and CPU have a bf16 path; int8 (onnxruntime, openvino) quantized on "
+        "the --calibration images.",
+    ),
+]
+CalibrationOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--calibration",
+        metavar="PATH",
+        help="With --precision int8: images the int8 ranges are measured on (files, folders, list files; "
+        "repeatable; e.g. the gallery; at most 300, a seeded sample).",
+    ),
 ]

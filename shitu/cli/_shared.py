@@ -54,11 +54,12 @@ def shown_warnings(out: Output) -> Iterator[None]:
 
 
 @contextmanager
-def chosen_backend(out: Output, backend: Any, precision: Any) -> Iterator[None]:
-    """While inside, models load on ``backend`` in ``precision`` (see :mod:`shitu.export.backends`); each
-    choice other than the default JAX fp32 is shown as one ``backend:`` line on stderr, in JSON mode too."""
+def chosen_backend(out: Output, backend: Any, precision: Any, calibration: list[str] | None = None) -> Iterator[None]:
+    """While inside, models load on ``backend`` in ``precision`` (see :mod:`shitu.export.backends`), int8
+    calibrated on the ``calibration`` images; each choice other than the default JAX fp32 is shown as one
+    ``backend:`` line on stderr, in JSON mode too."""
     backend, precision = str(getattr(backend, "value", backend)), str(getattr(precision, "value", precision))
-    if (backend, precision) == ("jax", "fp32"):
+    if (backend, precision) == ("jax", "fp32") and not calibration:
         yield
         return
     from rich.markup import escape
@@ -68,5 +69,5 @@ def chosen_backend(out: Output, backend: Any, precision: Any) -> Iterator[None]:
     def report(choice: Any) -> None:
         out.console.print(f"[cyan]backend:[/] {escape(choice.describe())}")
 
-    with inference_backend(backend, precision, report=report):
+    with inference_backend(backend, precision, report=report, calibration=calibration or None):
         yield

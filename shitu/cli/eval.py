@@ -18,6 +18,7 @@ from shitu.cli._distributed import (
 from shitu.cli._options import (
     Backend,
     BackendOption,
+    CalibrationOption,
     JsonOption,
     ModelNameOption,
     OverrideOption,
@@ -79,6 +80,7 @@ def eval_command(
     override: OverrideOption = None,
     backend: BackendOption = Backend.jax,
     precision: PrecisionOption = Precision.fp32,
+    calibration: CalibrationOption = None,
     json: JsonOption = False,
     distributed: DistributedOption = False,
     coordinator: CoordinatorOption = None,
@@ -113,7 +115,7 @@ def eval_command(
         json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
     )
     configure_jax()
-    with out.progress() as progress, shown_warnings(out), chosen_backend(out, backend, precision):
+    with out.progress() as progress, shown_warnings(out), chosen_backend(out, backend, precision, calibration):
         evaluation = evaluate_model(
             model_dir if model_dir is not None else str(model),
             dataset=dataset,

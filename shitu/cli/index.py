@@ -19,6 +19,7 @@ from shitu.cli._distributed import (
 from shitu.cli._options import (
     Backend,
     BackendOption,
+    CalibrationOption,
     JsonOption,
     ModelNameOption,
     Precision,
@@ -101,6 +102,7 @@ def build(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index.")] = False,
     backend: BackendOption = Backend.jax,
     precision: PrecisionOption = Precision.fp32,
+    calibration: CalibrationOption = None,
     json: JsonOption = False,
     distributed: DistributedOption = False,
     coordinator: CoordinatorOption = None,
@@ -121,7 +123,7 @@ def build(
         json, distributed=distributed, coordinator=coordinator, num_processes=num_processes, process_id=process_id
     )
     configure_jax()
-    with out.progress() as progress, _shown_warnings(out), chosen_backend(out, backend, precision):
+    with out.progress() as progress, _shown_warnings(out), chosen_backend(out, backend, precision, calibration):
         built = build_gallery_index(
             gallery,
             output,
@@ -162,6 +164,7 @@ def add(
     batch_size: BatchSizeOption = 32,
     backend: BackendOption = Backend.jax,
     precision: PrecisionOption = Precision.fp32,
+    calibration: CalibrationOption = None,
     json: JsonOption = False,
 ) -> int:
     """Embed more images and add them to an index (new keys; the index is rewritten as a unit)."""
@@ -170,7 +173,7 @@ def add(
 
     out = Output(json)
     configure_jax()
-    with out.progress() as progress, _shown_warnings(out), chosen_backend(out, backend, precision):
+    with out.progress() as progress, _shown_warnings(out), chosen_backend(out, backend, precision, calibration):
         result = add_to_index(
             index_dir,
             inputs=inputs,
@@ -425,6 +428,7 @@ def search(
     vote: VoteOption = None,
     backend: BackendOption = Backend.jax,
     precision: PrecisionOption = Precision.fp32,
+    calibration: CalibrationOption = None,
     server: Annotated[
         str | None, typer.Option("--server", help="Search the gallery of a running 'shitu serve' at this URL.")
     ] = None,
@@ -456,7 +460,7 @@ def search(
     if index_dir is None:
         raise ShituError("give --index DIR (or --server URL)")
     configure_jax()
-    with _shown_warnings(out), chosen_backend(out, backend, precision):
+    with _shown_warnings(out), chosen_backend(out, backend, precision, calibration):
         results = search_images(
             index_dir,
             inputs,

@@ -11,6 +11,7 @@ import typer
 from shitu.cli._options import (
     Backend,
     BackendOption,
+    CalibrationOption,
     JsonOption,
     ModelNameOption,
     Precision,
@@ -70,6 +71,7 @@ def predict(
     ] = None,
     backend: BackendOption = Backend.jax,
     precision: PrecisionOption = Precision.fp32,
+    calibration: CalibrationOption = None,
     server: Annotated[
         str | None, typer.Option("--server", help="Embed with a running 'shitu serve' at this URL instead.")
     ] = None,
@@ -109,7 +111,7 @@ def predict(
         raise ShituError("no images to predict" + (" (see the errors above)" if problems else ""))
 
     configure_jax()
-    with shown_warnings(out), chosen_backend(out, backend, precision):
+    with shown_warnings(out), chosen_backend(out, backend, precision, calibration):
         chosen: str | Path = model_dir if model_dir is not None else str(model)
         predictor = create_model(chosen, index=index, input_size=input_size, topk=topk, pretrained=not random_weights)
     out.info(_model_line(predictor))

@@ -419,6 +419,7 @@ def create_model(
     decision: Any | None = None,
     backend: str | None = None,
     precision: str | None = None,
+    calibration: Any | None = None,
 ) -> Predictor:
     """A :class:`Predictor` for ``model``: a bundle folder, or a registered model name.
 
@@ -430,13 +431,19 @@ def create_model(
     ``index``: an index folder or an object with ``search`` (see :class:`Predictor`). ``decision``: the
     rule that answers "unknown" (a :class:`shitu.index.DecisionRule` or its JSON, e.g. ``{"min_score": 0.6}``;
     default: the index's own). ``backend`` (``jax`` default, ``onnxruntime``, ``openvino``, ``auto``) and
-    ``precision`` (``fp32``, ``bf16``): where the forward pass runs, see :mod:`shitu.export.backends`; the
-    choice made is ``predictor.recognizer.backend``.
+    ``precision`` (``fp32``, ``bf16``, ``int8`` calibrated on the ``calibration`` images): where the forward
+    pass runs, see :mod:`shitu.export.backends`; the choice made is ``predictor.recognizer.backend``.
     """
     from shitu.embed.resolve import resolve_model
 
     recognizer = resolve_model(
-        model, input_size=input_size, seed=seed, pretrained=pretrained, backend=backend, precision=precision
+        model,
+        input_size=input_size,
+        seed=seed,
+        pretrained=pretrained,
+        backend=backend,
+        precision=precision,
+        calibration=calibration,
     )
     searchable = open_index_for(index, recognizer) if index is not None else None
     return Predictor(recognizer, index=searchable, topk=topk, decision=decision)

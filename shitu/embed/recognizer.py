@@ -86,13 +86,14 @@ class Recognizer:
         self.forward: Callable[[np.ndarray], np.ndarray] = self.embedder  # what embed_arrays calls
         self.backend: Any = None  # the BackendChoice of use_backend; None: JAX fp32
 
-    def use_backend(self, backend: str = "jax", precision: str = "fp32") -> Any:
+    def use_backend(self, backend: str = "jax", precision: str = "fp32", calibration: Any = None) -> Any:
         """Embed with ``backend`` (``jax``, ``onnxruntime``, ``openvino`` or ``auto``) in ``precision``
-        (``fp32`` or ``bf16``) from now on; preprocessing is unchanged. Returns the
-        :class:`~shitu.export.backends.BackendChoice` made; a ShituError when it cannot run here."""
+        (``fp32``, ``bf16``, or ``int8`` calibrated on the ``calibration`` images) from now on; preprocessing
+        is unchanged. Returns the :class:`~shitu.export.backends.BackendChoice` made; a ShituError when it
+        cannot run here."""
         from shitu.export.backends import make_forward
 
-        self.forward, self.backend = make_forward(self, backend, precision)
+        self.forward, self.backend = make_forward(self, backend, precision, calibration)
         return self.backend
 
     @property

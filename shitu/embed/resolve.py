@@ -82,6 +82,7 @@ def resolve_model(
     pretrained: bool = True,
     backend: str | None = None,
     precision: str | None = None,
+    calibration: Any = None,
 ) -> Recognizer:
     """The :class:`~shitu.embed.recognizer.Recognizer` of ``reference`` (a bundle folder or a registered
     model name, see the module's docstring). ``input_size`` overrides the size images are resized to
@@ -90,7 +91,8 @@ def resolve_model(
     missing or damaged bundle, an unknown name, and published weights that cannot be fetched.
 
     ``backend``/``precision``: where the forward pass runs (see :mod:`shitu.export.backends`); by default
-    the selection of :func:`shitu.export.backends.inference_backend`, else JAX in fp32."""
+    the selection of :func:`shitu.export.backends.inference_backend`, else JAX in fp32; ``calibration``: the
+    images ``int8`` is calibrated on (see :func:`shitu.export.quantize.calibration_set`)."""
     from shitu.embed import recognizer
     from shitu.export.backends import apply_backend
 
@@ -101,7 +103,7 @@ def resolve_model(
         loaded = _without_installed_weights(
             located, input_size=input_size, seed=seed, num_classes=num_classes, host=host
         )
-    apply_backend(loaded, backend, precision)
+    apply_backend(loaded, backend, precision, calibration)
     return loaded
 
 

@@ -4,15 +4,17 @@ OpenVINO. Preprocessing stays shitu's whatever the backend; only the call ``imag
 - ``jax`` (default): the jitted, bucketed :class:`~shitu.models.inference.Embedder`. ``bf16`` runs the
   BatchNorm-folded model in bfloat16 where the CPU has a bf16 path (AVX-512 BF16 or AMX; any GPU).
 - ``onnxruntime``: an ONNX Runtime CPU session with ``intra_op_num_threads`` = the cores this process may
-  use; fp32 only.
+  use; fp32, or ``int8``.
 - ``openvino``: an OpenVINO CPU compiled model, ``INFERENCE_PRECISION_HINT`` f32 or bf16 (bf16 only where
   OpenVINO reports the CPU can).
+- ``int8`` (``onnxruntime`` and ``openvino``): the exported graph quantized after training, its activation
+  ranges calibrated on images the caller names (``calibration``; see :mod:`shitu.export.quantize`).
 - ``auto``: times each available backend that supports the precision on one batch and keeps the fastest; the
   choice is remembered per model, size, precision, CPU and thread count in ``cache_dir()/backends.json``.
 
 The ONNX graph is exported once per model (parameter checksum) and input size into
-``shitu.runtime.cache_dir()/exported/``; OpenVINO keeps its compiled blobs per precision in
-``cache_dir()/openvino``. So a second process neither re-exports nor recompiles.
+``shitu.runtime.cache_dir()/exported/`` (int8: also per calibration set hash); OpenVINO keeps its compiled
+blobs per precision in ``cache_dir()/openvino``. So a second process neither re-exports nor recompiles.
 
 Commands choose a backend for everything they load with :func:`inference_backend` (a context); the API
 passes ``backend=``/``precision=`` to :func:`shitu.embed.predict.create_model` or ``resolve_model``.
@@ -36,7 +38,7 @@ import numpy as np
 from shitu.errors import ShituError
 
 BACKENDS = ("jax", "onnxruntime", "openvino", "auto")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 #: Images per timed call when ``auto`` measures the backends.
 AUTO_BATCH = 8
 CHOICES_FILE = "backends.json"
@@ -150,16 +152,24 @@ def _cache_key(recognizer: Any) -> str:
     return f"{name}-{model_checksum(recognizer)}-{recognizer.input_size}px"
 
 
-def exported_onnx(recognizer: Any) -> Path:
-    """The recognizer's ONNX graph (dynamic batch) in ``cache_dir()/exported``, exported on first use."""
+def exported_onnx(recognizer: Any, calibration: Any = None) -> Path:
+    """The recognizer's ONNX graph (dynamic batch) in ``cache_dir()/exported``, exported on first use; with a
+    ``calibration`` set (:class:`~shitu.export.quantize.CalibrationSet`) its int8 form calibrated on it."""
     from shitu.export.convert import MODEL_FILE, MODEL_FILES, export_recognizer
     from shitu.runtime import cache_dir
 
-    folder = cache_dir() / "exported" / _cache_key(recognizer)
+    key = _cache_key(recognizer) + (f"-int8-{calibration.short_hash}" if calibration is not None else "")
+    folder = cache_dir() / "exported" / key
     model_file = folder / MODEL_FILES["onnx"]
     if not ((folder / MODEL_FILE).is_file() and model_file.is_file()):
         try:
-            export_recognizer(recognizer, folder, format="onnx")
+            export_recognizer(
+                recognizer,
+                folder,
+                format="onnx",
+                precision="int8" if calibration is not None else "fp32",
+                calibration=calibration,
+            )
         except OSError as exc:
             raise ShituError(
                 f"cannot write the exported model to the cache: {exc.strerror or exc}",
@@ -187,7 +197,8 @@ class OnnxRuntimeForward:
 
 
 class OpenVinoForward:
-    """``images → features`` through an OpenVINO CPU compiled model, ``precision`` ``fp32`` or ``bf16``."""
+    """``images → features`` through an OpenVINO CPU compiled model, ``precision`` ``fp32`` or ``bf16`` (an
+    int8 QDQ graph runs its quantized operators in int8 either way)."""
 
     def __init__(self, model_file: Path, *, precision: str = "fp32", threads: int | None = None) -> None:
         import openvino as ov
@@ -227,20 +238,29 @@ def _refusal(backend: str, precision: str) -> str | None:
     """Why ``backend`` cannot run ``precision`` here (None: it can)."""
     if precision == "fp32":
         return None
+    if precision == "int8":
+        if backend == "jax":
+            return "int8 runs the exported graph only"
+        return None
     if backend == "onnxruntime":
-        return "ONNX Runtime's CPU provider runs shitu's graphs in fp32 only"
+        return "ONNX Runtime's CPU provider runs shitu's graphs in fp32 only (and int8, calibrated)"
     ok, why = jax_bf16_available() if backend == "jax" else _openvino_bf16_available()
     return None if ok else why
 
 
-def make_forward(recognizer: Any, backend: str, precision: str) -> tuple[Forward, BackendChoice]:
+def make_forward(
+    recognizer: Any, backend: str, precision: str, calibration: Any = None
+) -> tuple[Forward, BackendChoice]:
     """The forward call of ``recognizer`` on ``backend`` in ``precision``, and what was chosen.
 
     A ShituError when the backend is not installed or cannot run the precision on this machine (with what
-    to do instead); ``auto`` picks by measuring (see the module docstring)."""
+    to do instead); ``auto`` picks by measuring (see the module docstring). ``calibration``: the images
+    ``int8`` is calibrated on (required there, refused otherwise; see
+    :func:`shitu.export.quantize.calibration_set`)."""
     check_choice(backend, precision)
+    calibration = _calibration(precision, calibration)
     if backend == "auto":
-        return _auto(recognizer, precision)
+        return _auto(recognizer, precision, calibration)
     _require(backend)
     refusal = _refusal(backend, precision)
     if refusal is not None:
@@ -250,10 +270,23 @@ def make_forward(recognizer: Any, backend: str, precision: str) -> tuple[Forward
         )
     if backend == "jax":
         return _jax_forward(recognizer, precision), BackendChoice("jax", precision)
-    model_file = exported_onnx(recognizer)
+    model_file = exported_onnx(recognizer, calibration)
+    note = calibration.describe() if calibration is not None else ""
     if backend == "onnxruntime":
-        return OnnxRuntimeForward(model_file), BackendChoice(backend, precision)
-    return OpenVinoForward(model_file, precision=precision), BackendChoice(backend, precision)
+        return OnnxRuntimeForward(model_file), BackendChoice(backend, precision, note)
+    return OpenVinoForward(model_file, precision=precision), BackendChoice(backend, precision, note)
+
+
+def _calibration(precision: str, calibration: Any) -> Any:
+    """The resolved calibration set for ``int8`` (a ShituError saying what to pass when there is none);
+    None for the other precisions (a ShituError when images were given anyway)."""
+    if precision != "int8":
+        if calibration is not None:
+            raise ShituError("calibration images are used with --precision int8 only")
+        return None
+    from shitu.export.quantize import calibration_set
+
+    return calibration_set(calibration)
 
 
 def _time_forward(forward: Forward, images: np.ndarray) -> float:
@@ -267,14 +300,15 @@ def _time_forward(forward: Forward, images: np.ndarray) -> float:
     return best
 
 
-def _auto(recognizer: Any, precision: str) -> tuple[Forward, BackendChoice]:
+def _auto(recognizer: Any, precision: str, calibration: Any = None) -> tuple[Forward, BackendChoice]:
     from shitu.fileio import atomic_write_json
     from shitu.runtime import cache_dir
 
     candidates = [b for b in BACKENDS[:-1] if installed(b) and _refusal(b, precision) is None]
     if not candidates:
         raise ShituError(f"no installed backend runs {precision} on this machine", hint="use --precision fp32")
-    key = f"{_cache_key(recognizer)}|{precision}|{_cpu_model()}|{cpu_threads()} threads"
+    quantized = f"-{calibration.short_hash}" if calibration is not None else ""
+    key = f"{_cache_key(recognizer)}|{precision}{quantized}|{_cpu_model()}|{cpu_threads()} threads"
     file = cache_dir() / CHOICES_FILE
     try:
         remembered = json.loads(file.read_text(encoding="utf-8"))
@@ -284,14 +318,14 @@ def _auto(recognizer: Any, precision: str) -> tuple[Forward, BackendChoice]:
         remembered = {}
     known = remembered.get(key)
     if isinstance(known, dict) and known.get("backend") in candidates:
-        forward, _ = make_forward(recognizer, known["backend"], precision)
+        forward, _ = make_forward(recognizer, known["backend"], precision, calibration)
         return forward, BackendChoice(known["backend"], precision, f"auto, measured earlier: {known.get('note', '')}")
     images = np.random.default_rng(0).normal(size=(AUTO_BATCH, recognizer.input_size, recognizer.input_size, 3))
     images = images.astype(np.float32)
     timings: dict[str, float] = {}
     forwards: dict[str, Forward] = {}
     for backend in candidates:
-        forward, _ = make_forward(recognizer, backend, precision)
+        forward, _ = make_forward(recognizer, backend, precision, calibration)
         timings[backend] = _time_forward(forward, images)
         forwards[backend] = forward
     best = min(timings, key=lambda b: timings[b])
@@ -311,6 +345,7 @@ class _Selection:
     backend: str
     precision: str
     report: Callable[[BackendChoice], None] | None
+    calibration: Any = None
 
 
 _selection: ContextVar[_Selection | None] = ContextVar("shitu_inference_backend", default=None)
@@ -318,26 +353,37 @@ _selection: ContextVar[_Selection | None] = ContextVar("shitu_inference_backend"
 
 @contextlib.contextmanager
 def inference_backend(
-    backend: str = "jax", precision: str = "fp32", *, report: Callable[[BackendChoice], None] | None = None
+    backend: str = "jax",
+    precision: str = "fp32",
+    *,
+    report: Callable[[BackendChoice], None] | None = None,
+    calibration: Any = None,
 ) -> Iterator[None]:
     """While inside, every recognizer that :func:`shitu.embed.resolve.resolve_model` loads without an explicit
-    backend embeds with ``backend`` in ``precision``; ``report`` is called with each choice made."""
+    backend embeds with ``backend`` in ``precision``; ``report`` is called with each choice made.
+    ``calibration``: the images ``int8`` is calibrated on (resolved and hashed once, here)."""
     check_choice(backend, precision)
-    token = _selection.set(_Selection(backend, precision, report))
+    calibration = _calibration(precision, calibration)
+    token = _selection.set(_Selection(backend, precision, report, calibration))
     try:
         yield
     finally:
         _selection.reset(token)
 
 
-def apply_backend(recognizer: Any, backend: str | None = None, precision: str | None = None) -> None:
+def apply_backend(
+    recognizer: Any, backend: str | None = None, precision: str | None = None, calibration: Any = None
+) -> None:
     """Put ``recognizer`` on ``backend``/``precision`` (each defaults to :func:`inference_backend`'s
-    selection, else ``jax``/``fp32``); the default JAX fp32 path is left as it is."""
+    selection, else ``jax``/``fp32``; ``calibration`` to the selection's when its precision is used); the
+    default JAX fp32 path is left as it is."""
     selection = _selection.get()
     chosen_backend = backend or (selection.backend if selection else "jax")
     chosen_precision = precision or (selection.precision if selection else "fp32")
+    if calibration is None and selection is not None and chosen_precision == selection.precision:
+        calibration = selection.calibration
     if (chosen_backend, chosen_precision) == ("jax", "fp32") and selection is None:
         return
-    choice = recognizer.use_backend(chosen_backend, chosen_precision)
+    choice = recognizer.use_backend(chosen_backend, chosen_precision, calibration)
     if selection is not None and selection.report is not None:
         selection.report(choice)

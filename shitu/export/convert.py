@@ -32,6 +32,8 @@ import numpy as np
 from shitu.errors import ShituError
 
 FORMATS = ("onnx", "stablehlo")
+#: Precisions an export folder's model can have (int8: ONNX only, see :mod:`shitu.export.quantize`).
+EXPORT_PRECISIONS = ("fp32", "int8")
 EXPORT_FORMAT = "shitu-exported-model"
 EXPORT_FORMAT_VERSION = 1
 MODEL_FILE = "model.json"
@@ -230,6 +232,8 @@ def export_recognizer(
     format: str = "onnx",
     batch: int | None = None,
     verify: bool = True,
+    precision: str = "fp32",
+    calibration: Any = None,
 ) -> ExportResult:
     """Write ``recognizer``'s model as ``format`` (``onnx`` or ``stablehlo``) into the folder ``output``, with
     ``preprocess.json`` and ``model.json``. ``batch``: a fixed batch size, or None for any (symbolic).
@@ -237,6 +241,11 @@ def export_recognizer(
     With ``verify`` the written model is run on a small random batch and compared with shitu's own JAX
     features; a difference above :data:`VERIFY_TOLERANCE` is a ShituError and nothing is written. The folder
     appears complete or not at all (an existing one is replaced only when the new one is done).
+
+    ``precision`` ``int8`` (ONNX only) quantizes the checked fp32 graph, its ranges measured on
+    ``calibration`` (a :class:`~shitu.export.quantize.CalibrationSet` or the inputs naming the images, see
+    :func:`~shitu.export.quantize.calibration_set`); ``model.json`` then records the calibration set's size
+    and hash and the int8 features' cosine to shitu's on the calibration images.
     """
     from shitu import __version__
     from shitu.fileio import atomic_directory, atomic_write_json
@@ -244,6 +253,7 @@ def export_recognizer(
     if format not in FORMATS:
         raise ShituError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     check_batch(batch)
+    calibration_images = check_precision(format, precision, calibration)
     target = Path(output)
     if target.exists() and not target.is_dir():
         raise ShituError("exists and is not a folder", path=target)
@@ -291,6 +301,11 @@ def export_recognizer(
             if not diff <= VERIFY_TOLERANCE:
                 raise ShituError(f"the exported {format} model differs from shitu's features by {diff:.3g}")
             info["verified"] = {"max_abs_diff": diff, "batch": len(images), "against": "shitu jax fp32"}
+        if calibration_images is not None:
+            info["precision"] = "int8"
+            info["export"]["quantization"] = quantize_export(recognizer, model_path, calibration_images, batch)
+        else:
+            info["precision"] = "fp32"
         atomic_write_json(staging / PREPROCESS_FILE, preprocess_document(recognizer))
         atomic_write_json(staging / MODEL_FILE, info)
     return ExportResult(
@@ -300,6 +315,51 @@ def export_recognizer(
         info=info,
         seconds=time.perf_counter() - started,
     )
+
+
+def check_precision(format: str, precision: str, calibration: Any) -> Any:
+    """The calibration set an export in ``precision`` uses (None for fp32); a ShituError for an unknown
+    precision, int8 in another format than ONNX, or int8 without calibration images."""
+    if precision not in EXPORT_PRECISIONS:
+        raise ShituError(f"unknown export precision {precision!r}; choose one of {', '.join(EXPORT_PRECISIONS)}")
+    if precision == "fp32":
+        if calibration is not None:
+            raise ShituError("calibration images are used with --precision int8 only")
+        return None
+    if format != "onnx":
+        raise ShituError(f"--precision int8 exports ONNX only, not {format}")
+    from shitu.export.quantize import calibration_set
+
+    return calibration_set(calibration)
+
+
+def quantize_export(recognizer: Any, model_path: Path, calibration: Any, batch: int | None) -> dict[str, Any]:
+    """Replace the fp32 ONNX graph at ``model_path`` by its int8 QDQ form calibrated on ``calibration`` (see
+    :mod:`shitu.export.quantize`); the ``quantization`` entry of ``model.json``."""
+    from shitu.export.quantize import preprocessed_batches, quantize_onnx
+
+    batches = preprocessed_batches(recognizer, calibration, batch)
+    fp32_path = model_path.with_name(model_path.stem + ".fp32.onnx")
+    model_path.replace(fp32_path)
+    try:
+        quantize_onnx(fp32_path, model_path, batches, input_name=INPUT_NAME)
+    finally:
+        fp32_path.unlink(missing_ok=True)
+    images = batches[0]
+    expected = recognizer.embedder(images)
+    got = run_onnx(model_path, images)
+    cosine = float(np.min(np.sum(got * expected, axis=1)))
+    return {
+        "method": "onnxruntime.quantization.quantize_static",
+        "format": "QDQ",
+        "weights": "int8 per channel",
+        "activations": "int8",
+        "calibrate_method": "MinMax",
+        "calibration": calibration.to_json(),
+        "min_cosine_to_fp32": cosine,
+        "cosine_images": len(images),
+        "quantizer": _converter_version("onnxruntime"),
+    }
 
 
 def read_export_info(folder: str | os.PathLike[str]) -> dict[str, Any]:
