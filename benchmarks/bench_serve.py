@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PHOTOS = Path("/work/shared/data/grocery/photos")
+PHOTOS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "grocery" / "photos"
 
 
 def _images(count: int) -> list[bytes]:

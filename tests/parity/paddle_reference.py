@@ -44,7 +44,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import cv2
 import numpy as np
 
-PHOTOS = Path("/work/shared/data/grocery/photos")
+PHOTOS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "grocery" / "photos"
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 NUM_CLASSES = 10

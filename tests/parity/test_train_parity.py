@@ -34,7 +34,7 @@ from paddle_support import PADDLE_PYTHON, require_paddleclas
 
 pytestmark = pytest.mark.slow
 
-PHOTOS = Path("/work/shared/data/grocery/photos")
+PHOTOS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "grocery" / "photos"
 CLASSES = ("06_Banana", "07_Kiwi", "16_Orange", "78_Regular-Tomato")
 IMAGES_PER_CLASS = 2
 STEPS = 10
