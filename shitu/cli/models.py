@@ -110,8 +110,10 @@ def pull(
 
     from shitu.hub import cached_files, ensure_inference_bundle, published_training_weights
     from shitu.plugins import get_host
+    from shitu.runtime import configure_jax
 
     out = Output(json)
+    configure_jax()
     spec = get_host().model(name)
     path = published_training_weights(spec) if pretrained else ensure_inference_bundle(spec)
     kind = "pretrained" if pretrained else "bundle"

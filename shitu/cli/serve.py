@@ -82,6 +82,9 @@ def serve(
         url_hosts=tuple(h.lower() for h in allow_url_host or ()),
         compact_every=compact_every,
     )
+    from shitu.runtime import configure_jax
+
+    configure_jax()
     run(settings)
 
 

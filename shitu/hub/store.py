@@ -30,7 +30,7 @@ from typing import Any
 
 from shitu.errors import ShituError
 from shitu.fileio import atomic_directory, atomic_write_json, folder_lock
-from shitu.hub.download import PART_SUFFIX, Progress, download, file_sha256
+from shitu.hub.download import PART_SUFFIX, Downloaded, Progress, download, file_sha256
 from shitu.hub.sources import PublishedWeights, mirrored
 
 SOURCE_FILE = "shitu_source.json"
@@ -205,6 +205,34 @@ def _manual_bundle_hint(name: str, url: str) -> str:
     )
 
 
+def _download_checked(
+    name: str,
+    url: str,
+    target: Path,
+    *,
+    label: str,
+    what: str,
+    hint: str,
+    expected_size: int | None,
+    expected_sha256: str | None,
+    show_progress: bool,
+) -> Downloaded:
+    """:func:`download` ``url`` to ``target`` under a progress bar, checked also against the sha256 recorded
+    when model ``name``'s file of that name was first downloaded. The caller holds the model's lock."""
+    recorded = _recorded(name, target.name)
+    with _progress_bar(label, show_progress) as progress:
+        return download(
+            url,
+            target,
+            what=what,
+            hint=hint,
+            expected_size=expected_size,
+            expected_sha256=expected_sha256,
+            recorded_sha256=recorded["sha256"] if recorded else None,
+            progress=progress,
+        )
+
+
 def ensure_inference_bundle(spec_or_name: Any, *, show_progress: bool = True) -> Path:
     """The inference bundle of a model (a registered name or a ``ModelSpec``), fetched if not cached.
 
@@ -231,18 +259,17 @@ def ensure_inference_bundle(spec_or_name: Any, *, show_progress: bool = True) ->
             return target
         archive_name = published.inference_url.rsplit("/", 1)[-1] or f"{spec.name}_infer.tar"
         archive = folder / archive_name
-        recorded = _recorded(spec.name, archive_name)
-        with _progress_bar(f"{spec.name} inference model", show_progress) as progress:
-            fetched = download(
-                url,
-                archive,
-                what=f"the inference model of {spec.name}",
-                hint=hint,
-                expected_size=published.inference_size,
-                expected_sha256=published.inference_sha256,
-                recorded_sha256=recorded["sha256"] if recorded else None,
-                progress=progress,
-            )
+        fetched = _download_checked(
+            spec.name,
+            url,
+            archive,
+            label=f"{spec.name} inference model",
+            what=f"the inference model of {spec.name}",
+            hint=hint,
+            expected_size=published.inference_size,
+            expected_sha256=published.inference_sha256,
+            show_progress=show_progress,
+        )
         try:
             _install_bundle(spec, archive, target, url=url, size=fetched.size, sha256=fetched.sha256)
         finally:
@@ -252,7 +279,6 @@ def ensure_inference_bundle(spec_or_name: Any, *, show_progress: bool = True) ->
 
 
 def _install_bundle(spec: Any, archive: Path, target: Path, *, url: str, size: int, sha256: str) -> None:
-    from shitu.runtime import configure_jax
     from shitu.weights.importer import import_weights
 
     extract = Path(tempfile.mkdtemp(dir=archive.parent, prefix=_EXTRACT_PREFIX))
@@ -261,7 +287,6 @@ def _install_bundle(spec: Any, archive: Path, target: Path, *, url: str, size: i
 
         safe_extract(archive, extract)
         model_folder = find_inference_model(extract)
-        configure_jax()
         if target.exists() and not target.is_dir():
             raise ShituError("exists and is not a model bundle folder; refusing to replace it", path=target)
         if target.is_dir() and any(target.iterdir()):
@@ -319,18 +344,17 @@ def training_weights_from_url(spec_or_name: Any, url: str, *, show_progress: boo
         if target.is_file():
             _verify_cached(spec.name, target)
             return target
-        recorded = _recorded(spec.name, file_name)
-        with _progress_bar(f"{spec.name} training weights", show_progress) as progress:
-            fetched = download(
-                url,
-                target,
-                what=f"the training weights file of {spec.name}",
-                hint=hint,
-                expected_size=expected_size,
-                expected_sha256=expected_sha256,
-                recorded_sha256=recorded["sha256"] if recorded else None,
-                progress=progress,
-            )
+        fetched = _download_checked(
+            spec.name,
+            url,
+            target,
+            label=f"{spec.name} training weights",
+            what=f"the training weights file of {spec.name}",
+            hint=hint,
+            expected_size=expected_size,
+            expected_sha256=expected_sha256,
+            show_progress=show_progress,
+        )
         _record(spec.name, file_name, url, fetched.size, fetched.sha256)
     return target
 

@@ -205,10 +205,8 @@ class Service:
     def load(self) -> None:
         """Load the model, compile its batch shapes and open the galleries (blocking; run in a thread)."""
         from shitu.embed.resolve import resolve_model
-        from shitu.runtime import configure_jax
         from shitu.serve.batching import warm_up
 
-        configure_jax()
         settings = self.settings
         recognizer = resolve_model(settings.model, input_size=settings.input_size)
         recognizer.max_pixels = settings.max_pixels
