@@ -4,6 +4,6 @@ Importing this package must stay cheap (no JAX): specs name their builders as ``
 strings that are imported only when a model is built.
 """
 
-from shitu.models.spec import ImportReport, ModelSpec, TrainingRecipe
+from shitu.models.spec import AugmentThenNormalize, ImportReport, ModelSpec, TrainingRecipe
 
-__all__ = ["ImportReport", "ModelSpec", "TrainingRecipe"]
+__all__ = ["AugmentThenNormalize", "ImportReport", "ModelSpec", "TrainingRecipe"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shitu.models.spec import TrainingRecipe
+from shitu.models.spec import AugmentThenNormalize, TrainingRecipe
 
 #: ``CELoss`` label smoothing.
 CE_EPSILON = 0.1
@@ -82,26 +82,18 @@ def augment(image: Any, rng: Any, *, size: int, pad: int = PAD) -> Any:
 
 
 @dataclass(frozen=True)
-class TrainTransform:
+class TrainTransform(AugmentThenNormalize):
     """:func:`augment` then normalisation: ``transform(image, rng)`` → float32 [size, size, 3]. Picklable."""
 
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     pad: int = PAD
 
     def augment(self, image: Any, rng: Any) -> Any:
         return augment(image, rng, size=self.size, pad=self.pad)
 
-    def __call__(self, image: Any, rng: Any) -> Any:
-        from shitu.train.augment import normalize_hwc
-
-        return normalize_hwc(self.augment(image, rng), self.mean, self.std)
-
 
 def train_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> TrainTransform:
     """The recipe's ``train_transform`` at input size ``size``."""
-    return TrainTransform(int(size), tuple(float(x) for x in mean), tuple(float(x) for x in std))  # type: ignore[arg-type]
+    return TrainTransform.at(size, mean, std)
 
 
 def parameter_groups(model: Any) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:

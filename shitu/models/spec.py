@@ -70,6 +70,35 @@ class TrainingRecipe:
 
 
 @dataclass(frozen=True)
+class AugmentThenNormalize:
+    """A base for what ``TrainingRecipe.train_transform`` returns: ``transform(image, rng)`` is
+    ``augment(image, rng)`` (RGB uint8 [size, size, 3]) normalised with ``mean``/``std`` to float32 HWC.
+
+    Subclass it as a frozen dataclass at module level (so it pickles for loader worker processes), add
+    fields for the augmentation's options and implement :meth:`augment`; ``Subclass.at(size, mean, std)``
+    is then a ``train_transform``.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def at(cls, size: int, mean: tuple[float, ...], std: tuple[float, ...], **options: Any) -> Any:
+        """The transform for ``size``×``size`` inputs (numbers made plain ints and floats)."""
+        return cls(int(size), tuple(float(x) for x in mean), tuple(float(x) for x in std), **options)  # type: ignore[arg-type]
+
+    def augment(self, image: Any, rng: Any) -> Any:
+        """The augmented uint8 image [size, size, 3], before normalisation."""
+        raise NotImplementedError
+
+    def __call__(self, image: Any, rng: Any) -> Any:
+        from shitu.train.augment import normalize_hwc
+
+        return normalize_hwc(self.augment(image, rng), self.mean, self.std)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A registered model. ``builder`` and the Paddle hooks are ``"module:function"`` strings.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shitu.models.spec import TrainingRecipe
+from shitu.models.spec import AugmentThenNormalize, TrainingRecipe
 
 #: The TimmAutoAugment policy.
 AUTO_AUGMENT = "rand-m7-mstd0.5-inc1"
@@ -55,12 +55,9 @@ def augment(image: Any, rng: Any, *, size: int, policy: str = AUTO_AUGMENT) -> A
 
 
 @dataclass(frozen=True)
-class TrainTransform:
+class TrainTransform(AugmentThenNormalize):
     """:func:`augment` then normalisation: ``transform(image, rng)`` → float32 [size, size, 3]. Picklable."""
 
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     auto_augment: str = AUTO_AUGMENT
 
     def __post_init__(self) -> None:
@@ -71,12 +68,7 @@ class TrainTransform:
     def augment(self, image: Any, rng: Any) -> Any:
         return augment(image, rng, size=self.size, policy=self.auto_augment)
 
-    def __call__(self, image: Any, rng: Any) -> Any:
-        from shitu.train.augment import normalize_hwc
-
-        return normalize_hwc(self.augment(image, rng), self.mean, self.std)
-
 
 def train_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> TrainTransform:
     """The recipe's ``train_transform`` at input size ``size``."""
-    return TrainTransform(int(size), tuple(float(x) for x in mean), tuple(float(x) for x in std))  # type: ignore[arg-type]
+    return TrainTransform.at(size, mean, std)

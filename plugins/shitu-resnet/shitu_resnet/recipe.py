@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from shitu.train.augment import normalize_hwc, rand_resized_crop, random_hflip
+from shitu.models import AugmentThenNormalize
+from shitu.train.augment import rand_resized_crop, random_hflip
 from shitu.train.losses import cross_entropy
 
 LABEL_SMOOTHING = 0.1
@@ -43,30 +44,19 @@ def loss(model: Any, images: Any, labels: Any, *, train: bool = True) -> tuple[A
 
 
 @dataclass(frozen=True)
-class ResNetTrainTransform:
+class ResNetTrainTransform(AugmentThenNormalize):
     """``transform(image, rng)``: RGB uint8 [H, W, 3] → float32 [size, size, 3], normalised. Picklable;
     every random draw comes from ``rng``."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
     def augment(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The augmented uint8 image [size, size, 3], before normalisation."""
         image = rand_resized_crop(image, self.size, rng, scale=CROP_SCALE, ratio=CROP_RATIO)
         return random_hflip(image, rng)
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return normalize_hwc(self.augment(image, rng), self.mean, self.std)
-
 
 def train_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[..., np.ndarray]:
     """``TrainingRecipe.train_transform``: the transform for ``size``×``size`` inputs."""
-    return ResNetTrainTransform(
-        size=int(size),
-        mean=tuple(float(x) for x in mean),  # type: ignore[arg-type]
-        std=tuple(float(x) for x in std),  # type: ignore[arg-type]
-    )
+    return ResNetTrainTransform.at(size, mean, std)
 
 
 def parameter_groups(model: Any) -> tuple[set[ParameterPath], set[ParameterPath]]:
