@@ -41,12 +41,14 @@ def is_path_reference(reference: str | os.PathLike[str]) -> bool:
 def installed_bundle(name: str) -> Path | None:
     """The bundle installed for model ``name`` at ``shitu.runtime.cache_dir()/models/NAME``, if any: the one
     place the cache of installed models is looked up."""
+    from shitu.errors import ShituError
+    from shitu.hub import bundle_path
     from shitu.models.bundle import INFO_FILE
-    from shitu.runtime import cache_dir
 
-    if not name or "/" in name or os.sep in name or name.startswith("."):
+    try:
+        folder = bundle_path(name)  # where the hub installs a model's published weights
+    except ShituError:  # a name that cannot be a cache folder has nothing installed
         return None
-    folder = cache_dir() / "models" / name
     return folder if (folder / INFO_FILE).is_file() else None
 
 
