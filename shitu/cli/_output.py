@@ -22,6 +22,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+#: Every character ``str.splitlines`` breaks a line at, written as its escape so a message stays one line.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(message: str) -> str:
+    """``message`` with its line breaks (a file's own text may hold any) written as escapes."""
+    return str(message).translate(_LINE_BREAKS)
+
+
 def error_line(message: str) -> None:
     """Write one error line to stderr, never wrapped (a pipe reader sees exactly one line)."""
     sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
@@ -65,11 +74,11 @@ class Output:
 
     def warning(self, message: str) -> None:
         """A warning, always shown on stderr."""
-        self.console.print(f"[yellow]warning:[/] {escape(message)}")
+        self.console.print(f"[yellow]warning:[/] {escape(one_line(message))}")
 
     def problem(self, severity: str, message: str) -> None:
         colour = "red" if severity == "error" else "yellow"
-        self.console.print(f"[{colour}]{severity}:[/] {escape(message)}")
+        self.console.print(f"[{colour}]{severity}:[/] {escape(one_line(message))}")
 
     # -- machine output (stdout) --------------------------------------------------------------------
     def emit(self, document: Any) -> None:
