@@ -13,6 +13,7 @@ from shitu.index.calibrate import (
     observe,
     operating_point,
     plot_calibration,
+    precision_lower_bound,
     split_units,
 )
 
@@ -77,7 +78,9 @@ def test_the_margin_is_used_when_it_separates_better() -> None:
 
 def test_calibrate_reports_held_out_numbers_and_plots(tmp_path) -> None:
     gallery, gallery_labels, queries, query_labels = clusters()
-    result = calibrate(gallery, gallery_labels, queries, query_labels, by="class", target_precision=0.95)
+    result = calibrate(
+        gallery, gallery_labels, queries, query_labels, by="class", target_precision=0.95, confidence=0.0
+    )
     assert result.reached and result.fit.precision >= 0.95
     assert result.rule.min_score is not None and result.rule.vote == "nearest"
     assert result.held_out.known + result.held_out.unknown + result.fit.known + result.fit.unknown == 2 * 48
@@ -98,3 +101,25 @@ def test_split_units_keeps_both_sides_and_refuses_too_little() -> None:
         split_units(np.array([3, 3]), 0.5, seed=0)
     with pytest.raises(ShituError, match="--by"):
         observe(np.eye(2), [0, 1], np.eye(2), [0, 1], by="product")
+
+
+def test_precision_bound_is_clopper_pearson_and_makes_the_choice_cautious() -> None:
+    # n of n right: the one-sided bound is (1 - confidence) ** (1 / n); 0 of n: 0; nothing accepted: 1
+    bound = precision_lower_bound(np.array([24, 0, 0, 9]), np.array([24, 5, 0, 10]), 0.9)
+    assert bound[0] == pytest.approx(0.1 ** (1 / 24), rel=1e-9) and bound[1] == 0.0 and bound[2] == 1.0
+    assert 0.6 < bound[3] < 0.9  # 9 of 10 observed: the bound sits well below 0.9
+    assert precision_lower_bound(np.array([9]), np.array([10]), 0.0)[0] == pytest.approx(0.9)
+    # 20 right answers, then 2 wrong, then 20 more right, then wrong ones: observed precision 40/42 = 0.952
+    # reaches 0.95 at the lower threshold (more recall); at 0.9 confidence that is only >= 0.878, while the
+    # top 20 of 20 show >= 0.891, so a 0.885 target trusts the top 20 alone
+    scores = [0.99 - 0.005 * i for i in range(20)] + [0.86, 0.85] + [0.84 - 0.005 * i for i in range(20)] + [0.5] * 5
+    right = [True] * 20 + [False, False] + [True] * 20 + [False] * 5
+    data = obs(scores, right, [True] * 42 + [False] * 5)
+    loose, _, loose_reached = choose_rule(data, target_precision=0.95, confidence=0.0)
+    cautious, _, cautious_reached = choose_rule(data, target_precision=0.885, confidence=0.9)
+    assert loose_reached and loose == pytest.approx(0.84 - 0.005 * 19)
+    assert cautious_reached and cautious == pytest.approx(0.99 - 0.005 * 19)  # 20 of 20: bound 0.891
+    _, _, reached = choose_rule(data, target_precision=0.95, confidence=0.9)
+    assert not reached  # 20 of 20 cannot show 0.95 with 0.9 confidence
+    with pytest.raises(ShituError, match="confidence"):
+        choose_rule(data, target_precision=0.9, confidence=1.0)

@@ -316,6 +316,15 @@ def calibrate(
         float, typer.Option("--held-out", min=0.05, max=0.95, help="Share of the queries kept out of the fit.")
     ] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the fit/held-out split.")] = 0,
+    confidence: Annotated[
+        float,
+        typer.Option(
+            "--confidence",
+            min=0.0,
+            max=0.999,
+            help="The fit queries must show the target precision with this confidence (0: as observed).",
+        ),
+    ] = 0.9,
     output: Annotated[
         Path | None,
         typer.Option("--output", help="Folder for calibration.json and .png (default: INDEX-calibration beside it)."),
@@ -350,6 +359,7 @@ def calibrate(
             k=k,
             held_out=held_out,
             seed=seed,
+            confidence=confidence,
             model_dir=model_dir,
             output=output,
             batch_size=batch_size,
@@ -364,7 +374,11 @@ def calibrate(
     out.render(table)
     rule = result.rule
     margin = "none" if rule.min_margin is None else f"{rule.min_margin:g}"
-    goal = "max F1" if result.objective == "max_f1" else f"precision ≥ {result.target_precision:g}"
+    goal = (
+        "max F1"
+        if result.objective == "max_f1"
+        else f"precision ≥ {result.target_precision:g} with confidence {result.confidence:g}"
+    )
     out.info(
         f"[green]Stored[/] vote {rule.vote}, min score {rule.min_score:.4f}, min margin {margin} ({goal}"
         + ("" if result.reached else ", [yellow]not reached: highest precision kept[/]")

@@ -9,7 +9,9 @@ Every query of the dataset is searched twice against the index's stored vectors 
 true positive; accepting anything else (a wrong label, or any label for an unknown) as a false positive.
 ``precision = TP / accepted`` and ``recall = TP / known queries``. The thresholds swept are every observed
 score for ``min_score`` and a few margins for ``min_margin``; the rule kept reaches ``target_precision``
-with the largest recall (or has the largest F1 with ``max_f1``).
+with the largest recall (or has the largest F1 with ``max_f1``). "Reaches" is judged by the precision's
+lower confidence bound (``confidence``, default 0.9), not its observed value: the best of many rules fit
+on a few dozen queries looks better than it is.
 
 The queries are first split in two by ``by``: ``class`` puts whole classes in one part (the held-out part's
 products were never seen while fitting), ``image`` splits query images. The rule is fit on one part and its
@@ -33,6 +35,8 @@ from shitu.index.decision import DEFAULT_VOTE, DecisionRule
 BY = ("class", "image")
 #: Margins tried besides "no margin test" (cosine similarity units).
 MARGINS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12)
+#: Confidence with which the fit queries must show the target precision (see precision_lower_bound).
+DEFAULT_CONFIDENCE = 0.9
 CALIBRATION_JSON = "calibration.json"
 CALIBRATION_PNG = "calibration.png"
 
@@ -88,6 +92,7 @@ class Calibration:
     by: str
     objective: str
     target_precision: float | None
+    confidence: float | None  # the target is judged by the precision's lower bound at this confidence
     reached: bool
     fit: OperatingPoint
     held_out: OperatingPoint
@@ -104,6 +109,7 @@ class Calibration:
             "by": self.by,
             "objective": self.objective,
             "target_precision": self.target_precision,
+            "confidence": self.confidence,
             "reached": self.reached,
             "fit": self.fit.to_json(),
             "held_out": self.held_out.to_json(),
@@ -215,39 +221,74 @@ def operating_point(obs: Observations, min_score: float | None, min_margin: floa
     )
 
 
-def _curve(obs: Observations, min_margin: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(thresholds, precision, recall) for every distinct score as ``min_score``, highest threshold first."""
+def _counts(obs: Observations, min_margin: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(thresholds, right accepted, wrong accepted, known queries) for every distinct score as ``min_score``,
+    highest threshold first."""
     passes = np.ones(len(obs.score), bool) if min_margin is None else np.isnan(obs.margin) | (obs.margin >= min_margin)
     order = np.argsort(-obs.score, kind="stable")
     scores = obs.score[order]
     tp = np.cumsum((obs.right & passes)[order])
     fp = np.cumsum((~obs.right & passes)[order])
     last = np.r_[scores[1:] != scores[:-1], True]  # the last row of each group of equal scores
-    tp, fp, thresholds = tp[last], fp[last], scores[last]
-    known = max(1, int(obs.known.sum()))
+    return scores[last], tp[last], fp[last], int(obs.known.sum())
+
+
+def _curve(obs: Observations, min_margin: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, precision, recall) for every distinct score as ``min_score``, highest threshold first."""
+    thresholds, tp, fp, known = _counts(obs, min_margin)
     precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
-    return thresholds, precision, tp / known
+    return thresholds, precision, tp / max(1, known)
+
+
+def precision_lower_bound(right: np.ndarray, accepted: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of the precision ``right / accepted`` at ``confidence`` (0: the
+    observed precision itself; nothing accepted counts as precision 1, as in the curve).
+
+    Why a bound: the rule is the best of thousands of (score, margin) pairs fit on a few dozen queries, so its
+    observed precision is optimistic; requiring the bound to reach the target keeps that optimism out of the
+    choice (exact binomial bound, from scipy's beta distribution)."""
+    right = np.asarray(right, np.float64)
+    accepted = np.asarray(accepted, np.float64)
+    observed = np.where(accepted > 0, right / np.maximum(accepted, 1), 1.0)
+    if confidence <= 0.0:
+        return observed
+    from scipy.stats import beta
+
+    bound = beta.ppf(1.0 - confidence, np.maximum(right, 1e-12), accepted - right + 1.0)
+    return np.where(accepted == 0, 1.0, np.where(right == 0, 0.0, bound))
 
 
 def choose_rule(
-    obs: Observations, *, target_precision: float | None = 0.99, max_f1: bool = False
+    obs: Observations, *, target_precision: float | None = 0.99, max_f1: bool = False, confidence: float = 0.0
 ) -> tuple[float, float | None, bool]:
     """``(min_score, min_margin, reached)`` fit on ``obs``: the largest recall at precision >= target (ties:
     the higher precision, then the lower thresholds), or the largest F1 with ``max_f1``. When no rule
-    reaches the target, the one of highest precision (then recall) with ``reached`` False."""
+    reaches the target, the one of highest observed precision (then recall) with ``reached`` False.
+
+    ``confidence`` > 0 judges precision by its lower confidence bound (:func:`precision_lower_bound`)
+    instead of the observed value: a rule is only taken to reach the target when the fit queries show it
+    with that confidence."""
     if not max_f1 and (target_precision is None or not 0.0 < target_precision <= 1.0):
         raise ShituError(f"the target precision must be in (0, 1], got {target_precision}")
+    if not 0.0 <= confidence < 1.0:
+        raise ShituError(f"the confidence must be in [0, 1), got {confidence}")
     best: tuple[Any, ...] | None = None
     reached_any = False
     for margin in (None, *MARGINS):
-        thresholds, precision, recall = _curve(obs, margin)
+        thresholds, tp, fp, known = _counts(obs, margin)
+        recall = tp / max(1, known)
+        observed = precision_lower_bound(tp, tp + fp, 0.0)
+        judged = observed if max_f1 or confidence == 0.0 else precision_lower_bound(tp, tp + fp, confidence)
         margin_cost = 1.0 if margin is None else -margin  # no margin test is preferred, then smaller ones
-        for t, p, r in zip(thresholds.tolist(), precision.tolist(), recall.tolist(), strict=True):
+        rows = zip(thresholds.tolist(), observed.tolist(), judged.tolist(), recall.tolist(), strict=True)
+        for t, p, bound, r in rows:
             if max_f1:
                 f1 = 2 * p * r / (p + r) if p + r else 0.0
                 key: tuple[Any, ...] = (True, f1, p, margin_cost, -t)
             else:
-                ok = p >= target_precision  # type: ignore[operator]
+                ok = bound >= target_precision  # type: ignore[operator]
+                # not reached: the highest observed precision, as without a bound (the highest bound would
+                # favour accepting many answers at a lower precision)
                 key = (ok, r, p, margin_cost, -t) if ok else (ok, p, r, margin_cost, -t)
             reached_any |= bool(key[0])
             if best is None or key > best[0]:
@@ -279,6 +320,7 @@ def calibrate(
     k: int = 5,
     held_out: float = 0.5,
     seed: int = 0,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> Calibration:
     """Fit a decision rule on part of the queries and measure it on the rest (see the module docstring).
 
@@ -291,13 +333,16 @@ def calibrate(
         return Observations(obs.score[mask], obs.margin[mask], obs.right[mask], obs.known[mask], obs.unit[mask])
 
     fit, test = part(~test_mask), part(test_mask)
-    min_score, min_margin, reached = choose_rule(fit, target_precision=target_precision, max_f1=max_f1)
+    min_score, min_margin, reached = choose_rule(
+        fit, target_precision=target_precision, max_f1=max_f1, confidence=confidence
+    )
     rule = DecisionRule(min_score=min_score, min_margin=min_margin, vote=vote)
     return Calibration(
         rule=rule,
         by=by,
         objective="max_f1" if max_f1 else "target_precision",
         target_precision=None if max_f1 else target_precision,
+        confidence=None if max_f1 else confidence,
         reached=reached,
         fit=operating_point(fit, min_score, min_margin),
         held_out=operating_point(test, min_score, min_margin),
@@ -360,6 +405,7 @@ def calibrate_index(
     k: int = 5,
     held_out: float = 0.5,
     seed: int = 0,
+    confidence: float = DEFAULT_CONFIDENCE,
     model_dir: str | os.PathLike[str] | None = None,
     output: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
@@ -398,6 +444,7 @@ def calibrate_index(
         k=k,
         held_out=held_out,
         seed=seed,
+        confidence=confidence,
     )
     folder = Path(output) if output is not None else default_output(index_dir)
     result.files = {"json": str(folder / CALIBRATION_JSON), "png": str(folder / CALIBRATION_PNG)}
