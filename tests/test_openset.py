@@ -158,3 +158,31 @@ def test_open_set_counts_without_and_with_a_rule() -> None:
     assert (strict.unknown_rejected, strict.known_right, strict.known_wrong, strict.known_rejected) == (1, 2, 1, 0)
     margin = open_set_metrics(queries, labels, gallery, [0, 1, 2, 3], DecisionRule(min_margin=0.5))
     assert (margin.unknown_rejected, margin.known_right, margin.known_wrong) == (1, 2, 1)
+
+
+def test_audit_reports_a_split_label_only_when_unusually_far_apart_for_the_gallery() -> None:
+    import numpy as np
+
+    from shitu.index import build_index
+    from shitu.index.audit import audit
+
+    rng = np.random.default_rng(0)
+    centres = np.linalg.qr(rng.normal(size=(64, 64)))[0][:24]  # orthonormal: 12 centres, 12 offsets
+
+    def pair(label: int, apart: float) -> np.ndarray:
+        """Two unit vectors either side of ``label``'s centre; their cosine is (1 - apart²) / (1 + apart²)."""
+        centre, offset = centres[label], centres[12 + label]
+        rows = np.stack([centre + apart * offset, centre - apart * offset]) + 0.01 * rng.normal(size=(2, 64))
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    def labels_split(vectors: np.ndarray) -> list[int]:
+        labels = np.repeat(np.arange(12), 2).tolist()
+        index = build_index(vectors, labels, [f"{i}.jpg" for i in range(24)], output=None, recognizer_info={})
+        return [split["label"] for split in audit(index, hash_files=False).split_labels]
+
+    # every label's two pictures about equally far apart (catalogue picture and shelf photo): nothing unusual
+    even = np.concatenate([pair(i, rng.uniform(0.9, 1.1)) for i in range(12)])  # cosines about -0.1 to 0.1
+    assert labels_split(even) == []
+    # one label whose two pictures point in nearly opposite directions: that label alone
+    planted = np.concatenate([pair(i, rng.uniform(0.9, 1.1) if i != 5 else 5.0) for i in range(12)])  # 5: -0.92
+    assert labels_split(planted) == [5]

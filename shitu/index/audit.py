@@ -9,8 +9,12 @@ Findings (each a list in the report):
   (cosine >= ``near_duplicate``): likely one of them is mislabelled.
 - ``split_labels``: labels whose items fall into groups that are far apart. Two items of a label are
   linked when their similarity reaches the median, over all items, of the similarity to the nearest item
-  of *another* label (a link weaker than that is weaker than a typical confusion); a label with two or
-  more linked groups is reported with its groups.
+  of *another* label (a link weaker than that is weaker than a typical confusion). A label with two or
+  more linked groups is reported with its groups when its groups are also unusually far apart *for this
+  gallery*: their best link is an outlier below the similarities of every item to its nearest item of
+  the same label (Tukey's lower fence, ``Q1 - split_fence * IQR``, default 1.5). So a gallery where every product has a catalogue picture and a shelf
+  photo that look little alike (a property of the gallery, not a mistake) does not flag every label; a
+  label whose pictures are much farther apart than the gallery's usual does.
 - ``hubs``: items that are the nearest neighbour of at least ``hub_count`` items of other labels: they
   attract wrong matches (a generic background, a catalogue picture of a look-alike...).
 
@@ -122,6 +126,7 @@ def audit(
     hub_count: int = 3,
     k: int = 10,
     hash_files: bool = True,
+    split_fence: float = 1.5,
 ) -> AuditReport:
     """Audit ``index`` (see the module docstring for what is looked for and the thresholds)."""
     items, vectors = index.vectors()
@@ -184,12 +189,21 @@ def audit(
     nearest_other = [next((h.score for h in hits if h.label != labels[i]), None) for i, hits in enumerate(neighbours)]
     known = [score for score in nearest_other if score is not None]
     link = float(np.median(known)) if known else 1.0
-    report.thresholds["split_link"] = round(link, 6)
+    within: dict[int, np.ndarray] = {}
+    nearest_same: list[float] = []
     for label in sorted(set(labels.tolist())):
         members = np.flatnonzero(labels == label)
-        if len(members) < 2:
-            continue
-        sims = vectors[members] @ vectors[members].T
+        if len(members) >= 2:
+            sims = vectors[members] @ vectors[members].T
+            within[label] = sims
+            nearest_same.extend(np.where(np.eye(len(members), dtype=bool), -np.inf, sims).max(axis=1).tolist())
+    # Tukey's fence: a robust "far below the usual" that needs no distribution and ignores a few outliers
+    q1, q3 = np.quantile(nearest_same, [0.25, 0.75]) if nearest_same else (-1.0, -1.0)
+    unusual = float(q1 - split_fence * (q3 - q1))
+    report.thresholds["split_link"] = round(link, 6)
+    report.thresholds["split_unusual_below"] = round(unusual, 6)
+    for label, sims in within.items():
+        members = np.flatnonzero(labels == label)
         groups = _Groups(len(members))
         for a, b in zip(*np.nonzero(np.triu(sims >= link, 1)), strict=True):
             groups.join(int(a), int(b))
@@ -198,6 +212,8 @@ def audit(
             continue
         first = np.asarray(found[0])
         rest = np.setdiff1d(np.arange(len(members)), first)
+        if sims[np.ix_(first, rest)].max() >= unusual:
+            continue  # split, but no farther apart than this gallery's labels usually are
         report.split_labels.append(
             {
                 "label": int(label),
