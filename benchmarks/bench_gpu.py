@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -132,15 +133,9 @@ def jax_candidates(recognizer_of: Callable[[], object]) -> tuple[list, list[str]
                     continue
 
             def make(device=device, precision=precision) -> Forward:
-                with jax.default_device(device):
-                    recognizer = recognizer_of()
-                    forward, _ = make_forward(recognizer, "jax", precision)
-
-                def call(images: np.ndarray) -> np.ndarray:
-                    with jax.default_device(device):
-                        return forward(images)
-
-                return call
+                forward, _ = make_forward(recognizer_of(), "jax", precision)  # an Embedder either way
+                forward.to_device(device)
+                return forward
 
             runs.append(("jax", f"{name} ({device.device_kind})", precision, make))
     return runs, skipped
@@ -165,7 +160,7 @@ def onnxruntime_candidates(onnx_file: Path, int8_file: Path | None) -> tuple[lis
     available = set(ort.get_available_providers())
     runs, skipped = [], []
     for provider in ORT_PROVIDERS:
-        short = provider.removesuffix("ExecutionProvider")
+        short = {"TensorrtExecutionProvider": "TensorRT"}.get(provider, provider.removesuffix("ExecutionProvider"))
         if provider not in available:
             skipped.append(f"onnxruntime {short}: provider not available")
             continue
@@ -345,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the table")
     args = parser.parse_args(argv)
 
+    # JAX takes most of a GPU's memory up front by default; ONNX Runtime's CUDA provider runs in this process too.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     from shitu.runtime import configure_jax
 
     configure_jax()
