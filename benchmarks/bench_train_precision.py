@@ -125,23 +125,30 @@ def step_speed(args: argparse.Namespace) -> dict[str, dict]:
         batch_arrays = owner.shard_batch(images, labels)
         state, metrics = owner(state, *batch_arrays, 0)  # warm-up
         jax.block_until_ready(metrics)
-        sides[precision] = {"owner": owner, "state": state, "batch": batch_arrays, "compile_s": compile_s, "s": []}
+        sides[precision] = {"owner": owner, "state": state, "batch": batch_arrays, "compile_s": compile_s}
+        sides[precision].update(s=[], cpu_s=[])
     for round_index in range(args.speed_rounds):
         for precision in PRECISIONS:
             side = sides[precision]
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             side["state"], metrics = side["owner"](side["state"], *side["batch"], round_index + 1)
             jax.block_until_ready(metrics)
             side["s"].append(time.perf_counter() - started)
+            side["cpu_s"].append(time.process_time() - cpu_started)
     return {
-        p: {"compile_s": side["compile_s"], "s_per_step": statistics.median(side["s"]), "runs": side["s"]}
+        p: {
+            "compile_s": side["compile_s"],
+            "s_per_step": statistics.median(side["s"]),
+            "cpu_s_per_step": statistics.median(side["cpu_s"]),
+            "runs": side["s"],
+        }
         for p, side in sides.items()
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs of the quality part (6 steps each)")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of the quality part (6 steps each; 0: skip it)")
     parser.add_argument("--size", type=int, default=64, help="input size of the quality part")
     parser.add_argument("--speed-size", type=int, default=128, help="input size of the step timing (0: skip it)")
     parser.add_argument("--speed-batch", type=int, default=32)
@@ -158,32 +165,45 @@ def main() -> int:
     machine = f"{cpu_model()}; flags {' '.join(flags)}; Python {platform.python_version()}, jax {jax.__version__}"
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
     with tempfile.TemporaryDirectory(prefix="bench_train_precision-") as tmp:
-        results = {"machine": machine, "devices": devices, "quality": quality(args, Path(tmp))}
+        results = {"machine": machine, "devices": devices, "quality": quality(args, Path(tmp)) if args.epochs else {}}
     if args.speed_size:
         results["speed"] = step_speed(args)
     if args.json:
         print(json.dumps(results))
         return 0
     print(f"machine: {machine}\ndevices: {devices}\n")
+    if results["quality"]:
+        print_quality(args, results["quality"])
+    if "speed" in results:
+        print_speed(args, results["speed"])
+    return 0
+
+
+def print_quality(args: argparse.Namespace, quality_rows: dict[str, dict]) -> None:
     print(f"Fine-tuning on the demo set ({args.epochs} epochs of 6 steps, batch 20, {args.size} px, half width):\n")
     print("| precision | compile s | images/s | wall s | loss first → last epoch | Recall@1 | Recall@5 | mAP |")
     print("|---|---:|---:|---:|---|---:|---:|---:|")
-    for precision, row in results["quality"].items():
+    for precision, row in quality_rows.items():
         print(
             f"| {precision} | {row['compile_s']:.1f} | {row['images_per_s']:.1f} | {row['wall_s']:.0f} | "
             f"{row['first_loss']:.3f} → {row['last_loss']:.3f} | {row['recall1']:.3f} | {row['recall5']:.3f} | "
             f"{row['mAP']:.3f} |"
         )
-    if "speed" in results:
-        size, batch = args.speed_size, args.speed_batch
-        print(f"\nTraining step alone, full width, {size} px, batch {batch}, {args.speed_rounds} interleaved rounds:\n")
-        print("| precision | compile s | s/step (median) | images/s | speed-up |")
-        print("|---|---:|---:|---:|---:|")
-        base = results["speed"]["fp32"]["s_per_step"]
-        for precision, row in results["speed"].items():
-            s = row["s_per_step"]
-            print(f"| {precision} | {row['compile_s']:.1f} | {s:.2f} | {batch / s:.1f} | {base / s:.2f}× |")
-    return 0
+    print()
+
+
+def print_speed(args: argparse.Namespace, speed_rows: dict[str, dict]) -> None:
+    size, batch = args.speed_size, args.speed_batch
+    print(f"Training step alone, full width, {size} px, batch {batch}, {args.speed_rounds} interleaved rounds:\n")
+    print("| precision | compile s | s/step wall (median) | CPU s/step (median) | images/s | speed-up wall, CPU |")
+    print("|---|---:|---:|---:|---:|---:|")
+    base, base_cpu = speed_rows["fp32"]["s_per_step"], speed_rows["fp32"]["cpu_s_per_step"]
+    for precision, row in speed_rows.items():
+        s, cpu = row["s_per_step"], row["cpu_s_per_step"]
+        print(
+            f"| {precision} | {row['compile_s']:.1f} | {s:.2f} | {cpu:.2f} | {batch / s:.1f} | "
+            f"{base / s:.2f}×, {base_cpu / cpu:.2f}× |"
+        )
 
 
 if __name__ == "__main__":

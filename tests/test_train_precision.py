@@ -184,6 +184,55 @@ def test_one_bf16_step_against_fp32(recipe):
         assert metrics16["loss"] == pytest.approx(metrics32["loss"], rel=0.25)
 
 
+def test_a_third_party_model_and_loss_train_in_bf16_unchanged():
+    """A plugin's own Flax model and loss, written with no thought of precision, train under the bf16 policy."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from shitu.train.optim import make_optimizer
+    from shitu.train.step import TrainStep
+
+    class Plain(nnx.Module):
+        def __init__(self) -> None:
+            rngs = nnx.Rngs(0)
+            self.conv = nnx.Conv(3, 8, (3, 3), strides=(2, 2), rngs=rngs)
+            self.bn = nnx.BatchNorm(8, rngs=rngs)
+            self.fc = nnx.Linear(8, 16, rngs=rngs)
+            self.head = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(jnp.mean(jax.nn.relu(self.bn(self.conv(x))), axis=(1, 2)))
+
+        def logits(self, features, labels=None):
+            return self.head(features)
+
+    def plain_loss(model, images, labels):
+        logits = model.logits(model(images))
+        ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
+        return ce, {"loss": ce}
+
+    images, labels = _batch()
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model = Plain()
+        tx, schedule = make_optimizer(model, learning_rate=0.1, epochs=1, warmup_epochs=0, steps_per_epoch=3)
+        owner = TrainStep(
+            model, loss_fn=plain_loss, tx=tx, schedule=schedule, devices=jax.devices()[:1], seed=0, precision=precision
+        )
+        state = owner.initial_state(model)
+        losses[precision] = []
+        for step in range(3):
+            state, metrics = owner(state, *owner.shard_batch(images, labels), step)
+            losses[precision].append(float(metrics["loss"]))
+        dtypes = {
+            leaf.dtype for leaf in jax.tree.leaves(jax.device_get(state)) if jnp.issubdtype(leaf.dtype, jnp.floating)
+        }
+        assert dtypes == {np.dtype(np.float32)}
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+    assert losses["bf16"][-1] < losses["bf16"][0]  # it learns
+
+
 # ------------------------------------------------------------------------------------------ a bf16 training run
 
 
