@@ -16,9 +16,9 @@ does not need to know about it:
 
 bfloat16 has float32's exponent range, so no loss scaling is needed (unlike float16).
 
-Written here rather than taken from a library: ``jmp`` (DeepMind's policy library) only casts pytrees, the
-trivial part, is no longer developed, and knows nothing of Flax NNX modules; what matters here is which NNX
-layers keep float32, which needs the layer types.
+Written here rather than taken from a library: ``jmp`` (DeepMind's mixed-precision policies) casts pytrees, the
+trivial part, and knows nothing of Flax NNX modules; what matters here is which layers keep float32, which
+needs NNX's layer types, and Flax offers no policy object of its own (only each layer's ``dtype``).
 """
 
 from __future__ import annotations
