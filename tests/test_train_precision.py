@@ -108,6 +108,7 @@ def test_policy_casts_floats_and_keeps_flax_normalisation_in_float32():
 @pytest.mark.parametrize("build", [_tiny_rec, _tiny_vit], ids=["pplcnetv2", "vit"])
 def test_bf16_eval_features_match_fp32(build):
     """With fixed statistics (eval mode) the bf16 forward gives the fp32 features to bf16 rounding."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -117,10 +118,18 @@ def test_bf16_eval_features_match_fp32(build):
     model.eval()
     images, _ = _batch()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    policy = PrecisionPolicy("bf16")
-    mixed = policy.apply_to_layers(nnx.merge(graphdef, policy.cast_to_compute(params), rest, copy=True))
-    features = np.asarray(mixed(policy.cast_to_compute(jnp.asarray(images))), np.float32)
-    reference = np.asarray(model(jnp.asarray(images)))
+
+    def features_in(precision: str) -> np.ndarray:
+        policy = PrecisionPolicy(precision)
+
+        @jax.jit
+        def forward(params, rest, images):
+            mixed = policy.apply_to_layers(nnx.merge(graphdef, policy.cast_to_compute(params), rest, copy=True))
+            return mixed(policy.cast_to_compute(images)).astype(jnp.float32)
+
+        return np.asarray(forward(params, rest, jnp.asarray(images)))
+
+    features, reference = features_in("bf16"), features_in("fp32")
     cosine = np.sum(features * reference, 1) / np.linalg.norm(features, axis=1) / np.linalg.norm(reference, axis=1)
     assert cosine.min() > 0.999
 
