@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -114,3 +115,18 @@ def train_parity(session: nox.Session) -> None:
         "pytest", "-m", "slow", "-s", "tests/parity/test_train_parity.py", *session.posargs,
         env={"SHITU_PADDLE_PYTHON": str(python)},
     )  # fmt: skip
+
+
+@nox.session(python=PYTHON)
+def gpu(session: nox.Session) -> None:
+    """Inference speed on every backend of this machine (GPU included), fp32 against bf16 and int8, full size:
+    PP-ShiTuV2_rec at 224 px, then CLIP ViT-B/16 (benchmarks/bench_gpu.py; results to RESULTS.md by hand).
+
+    With an NVIDIA driver (``nvidia-smi`` on the PATH) it adds JAX's CUDA plugin and ONNX Runtime's GPU build
+    (CUDA and TensorRT providers); JAX then allocates GPU memory as it goes, so ONNX Runtime has its share."""
+    session.install("-e", ".[onnx,openvino]")
+    if shutil.which("nvidia-smi"):
+        session.install("jax[cuda12]", "onnxruntime-gpu")
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    session.run("python", "benchmarks/bench_gpu.py", *session.posargs, env=env)
+    session.run("python", "benchmarks/bench_gpu.py", "--clip", *session.posargs, env=env)

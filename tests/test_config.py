@@ -52,6 +52,7 @@ SCHEMA: dict[str, type] = {
     "Train.sampler": str,
     "Train.model_scale": float,
     "Train.num_workers": int,
+    "Train.precision": str,
     "Train.checkpoints_to_keep": int,
     "Evaluate.weight_path": NONE,
     "Evaluate.batch_size": int,

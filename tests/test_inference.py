@@ -39,3 +39,17 @@ def test_matches_model_features_normalised():
     raw = np.asarray(model(images))
     expected = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     np.testing.assert_allclose(Embedder(model)(images), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_to_device_keeps_the_weights_there_and_the_features():
+    import jax
+
+    from shitu.models.inference import Embedder
+
+    embedder = Embedder(_tiny_vit(), buckets=(2,))
+    images = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    before = embedder(images)
+    cpu = jax.devices("cpu")[-1]
+    embedder.to_device(cpu)
+    assert {leaf.devices().pop() for leaf in jax.tree.leaves(embedder._state)} == {cpu}
+    np.testing.assert_allclose(embedder(images), before, rtol=1e-6, atol=1e-7)

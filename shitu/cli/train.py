@@ -60,7 +60,8 @@ def train_command(
     and index take), latest_model/, checkpoints/ and train_curves.png.
 
     Settings as PaddleX: -o Train.epochs_iters=10 -o Train.batch_size=64 -o Train.learning_rate=0.02
-    -o Train.input_size=128 -o Global.device=gpu (Train.batch_size is the global batch over all devices).
+    -o Train.input_size=128 -o Global.device=gpu (Train.batch_size is the global batch over all devices);
+    -o Train.precision=bf16 for mixed precision (float32 weights, bf16 matmuls and convolutions).
 
     Ctrl-C saves a checkpoint and exits 130; --resume continues exactly the run in --output (with its own
     config: -o may change only what does not alter the results, such as Global.device or Train.num_workers).
@@ -150,7 +151,8 @@ class _Renderer:
             out.info(
                 f"Training {escape(data['model'])}: {data['train_images']} images, {data['num_classes']} classes, "
                 f"{data['epochs']} epochs × {data['steps_per_epoch']} iterations of {data['batch_size']} at "
-                f"{data['input_size']} px on {data['devices']} {data['platform']} device(s){where}"
+                f"{data['input_size']} px ({data.get('precision', 'fp32')}) on {data['devices']} {data['platform']} "
+                f"device(s){where}"
             )
             out.info(f"output: {escape(data['output'])}")
         elif kind == "compiled":

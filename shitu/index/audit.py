@@ -12,9 +12,9 @@ Findings (each a list in the report):
   of *another* label (a link weaker than that is weaker than a typical confusion). A label with two or
   more linked groups is reported with its groups when its groups are also unusually far apart *for this
   gallery*: their best link is an outlier below the similarities of every item to its nearest item of
-  the same label (Tukey's lower fence, ``Q1 - split_fence * IQR``, default 1.5). So a gallery where every product has a catalogue picture and a shelf
-  photo that look little alike (a property of the gallery, not a mistake) does not flag every label; a
-  label whose pictures are much farther apart than the gallery's usual does.
+  the same label (Tukey's lower fence, ``Q1 - split_fence * IQR``, default 1.5). So a gallery where every
+  product has a catalogue picture and a shelf photo that look little alike (a property of the gallery, not
+  a mistake) does not flag every label; a label whose pictures are much farther apart than usual does.
 - ``hubs``: items that are the nearest neighbour of at least ``hub_count`` items of other labels: they
   attract wrong matches (a generic background, a catalogue picture of a look-alike...).
 

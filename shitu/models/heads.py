@@ -67,8 +67,11 @@ class ArcMargin(nnx.Module):
         self.weight = nnx.Param(paddle_xavier_normal(rngs.params(), (embedding_size, class_num)))
 
     def __call__(self, x: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+        # Normalised and compared in float32 at least, also when mixed-precision training casts x and W to bf16.
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         x = x / jnp.sqrt(jnp.sum(jnp.square(x), axis=1, keepdims=True))
         w = self.weight[...]
+        w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
         w = w / jnp.sqrt(jnp.sum(jnp.square(w), axis=0, keepdims=True))
         cos = x @ w
         if self.deterministic or labels is None:

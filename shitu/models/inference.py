@@ -69,6 +69,13 @@ class Embedder:
             raise ValueError("set_state: the new state does not match the model's structure, shapes and dtypes")
         self._state = state
 
+    def to_device(self, device: Any) -> None:
+        """Keep the weights on ``device`` (a ``jax.Device``): later calls compute there, whatever JAX's default
+        device is (e.g. the CPU of a machine whose default is a GPU)."""
+        import jax
+
+        self._state = jax.device_put(self._state, device)
+
     def bucket_for(self, n: int) -> int:
         """The batch size an input of ``n`` images is padded to (n ≤ the largest bucket)."""
         return next(b for b in self.buckets if b >= n)

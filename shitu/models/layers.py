@@ -176,10 +176,12 @@ def _depthwise_bwd(stride, ph, pw, residuals, g):
         def step(acc, pair):
             return acc + _kernel_grad(pair[0], pair[1], kh, kw, stride), None
 
-        dkernel, _ = lax.scan(step, jnp.zeros(kernel.shape, g.dtype), pairs)
+        # Accumulated in float32 at least (bf16 training: many partial sums), returned in the kernel's dtype.
+        accumulator = jnp.zeros(kernel.shape, jnp.promote_types(g.dtype, jnp.float32))
+        dkernel, _ = lax.scan(step, accumulator, pairs)
     else:
         dkernel = _kernel_grad(xp, g, kh, kw, stride)
-    return dx, dkernel
+    return dx, dkernel.astype(kernel.dtype)
 
 
 def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
@@ -194,7 +196,7 @@ def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> 
                 (batch, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, channels),
                 (1, stride, stride, 1),
             )
-            row.append(jnp.sum(window * g, axis=(0, 1, 2)))
+            row.append(jnp.sum(window * g, axis=(0, 1, 2), dtype=jnp.promote_types(g.dtype, jnp.float32)))
         rows.append(jnp.stack(row))
     return jnp.stack(rows)
 

@@ -7,7 +7,12 @@ The module contract (Flax NNX) that every built model follows:
 - ``model(x)`` → ``features`` float32 [B, embedding_size], *not* L2-normalised (PaddleClas' ``features``);
 - ``model.logits(features, labels)`` → training-head logits [B, num_classes] (``labels`` may be None at
   eval; margin heads need them in training);
-- ``model.train()`` / ``model.eval()`` switch BatchNorm/dropout mode (NNX's own methods).
+- ``model.train()`` / ``model.eval()`` switch BatchNorm/dropout mode (NNX's own methods);
+- mixed precision (``Train.precision=bf16``, :mod:`shitu.train.precision`): the training step hands the model
+  bf16 parameters and images and sets Flax layers' ``dtype``; a model computes in the dtype of its inputs and
+  parameters (upcasting where it needs float32, as the built-in softmax and ArcMargin do) and needs no other
+  change. Its recipe's loss receives the model as usual and should upcast what it reduces (see
+  :mod:`shitu.train.losses`).
 """
 
 from __future__ import annotations

@@ -173,7 +173,8 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)  # [q|k|v][heads][hd]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         attn = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
-        attn = jax.nn.softmax(attn, axis=-1)
+        # Softmax in float32 at least (a no-op in float32; under bf16 training the scores are bf16).
+        attn = jax.nn.softmax(attn.astype(jnp.promote_types(attn.dtype, jnp.float32)), axis=-1).astype(v.dtype)
         x = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, c)
         return self.proj(x)
 

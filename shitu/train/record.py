@@ -79,6 +79,7 @@ class RunRecord:
             "num_classes": self.num_classes,
             "input_size": s.input_size,
             "batch_size": s.batch_size,
+            "precision": s.precision,
             "seed": s.seed,
             "iteration": iteration,
             "epoch_index": epoch_index,
@@ -125,9 +126,10 @@ class RunRecord:
             ("arch", s.arch),
             ("input_size", s.input_size),
             ("batch_size", s.batch_size),
+            ("precision", s.precision),
             ("seed", s.seed),
         ):
-            if meta.get(key) != now:
+            if meta.get(key, "fp32" if key == "precision" else None) != now:  # older checkpoints: fp32
                 raise ShituError(
                     f"cannot resume: the checkpoint has {key} {meta.get(key)!r}, this run {now!r}",
                     path=self.store.path_of(latest),
@@ -228,6 +230,7 @@ class RunRecord:
                 "dataset_dir": str(self.settings.dataset_dir),
                 "epochs": self.settings.epochs,
                 "epochs_done": len(self.history),
+                "precision": self.settings.precision,
                 "history": [public_record(r) for r in self.history],
                 "curves": rundir.CURVES if (self.out_dir / rundir.CURVES).exists() or self.history else "",
                 "compile_seconds": round(self.compile_seconds, 3),

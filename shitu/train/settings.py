@@ -16,6 +16,7 @@ from typing import Any
 from shitu.config import Config, Overrides, load_config
 from shitu.errors import ShituError
 from shitu.train import rundir
+from shitu.train.precision import check_precision
 
 #: Config keys that may differ when a run is resumed (they do not change what is computed).
 RESUME_FREE_KEYS = frozenset(
@@ -96,7 +97,8 @@ def run_config(
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything a run reads from its config and arguments, checked. ``spec`` is the registered model
-    (it has a training recipe); ``sampler`` and ``weight_decay`` are the config's or else the recipe's.
+    (it has a training recipe); ``sampler`` and ``weight_decay`` are the config's or else the recipe's;
+    ``precision`` is ``Train.precision`` (``fp32`` or ``bf16``, see :mod:`shitu.train.precision`).
     ``config`` is the run's config with ``Global.dataset_dir``/``Global.output`` made absolute (what
     ``config.yaml`` and the bundles record)."""
 
@@ -123,6 +125,7 @@ class TrainSettings:
     checkpoints_to_keep: int = 3
     num_workers: int = 0
     eval_batch_size: int = 64
+    precision: str = "fp32"
 
     @classmethod
     def from_config(
@@ -181,6 +184,7 @@ class TrainSettings:
         num_classes = config.get("Train.num_classes", None)
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
             raise ShituError(f"Train.num_classes must be an integer or null, got {num_classes!r}")
+        precision = check_precision(config.get("Train.precision", "fp32"))
         num_workers = int(config.get("Train.num_workers", 0))
         if num_workers < 0:
             raise ShituError(f"Train.num_workers must be ≥ 0, got {num_workers}")
@@ -217,4 +221,5 @@ class TrainSettings:
             checkpoints_to_keep=int(config.get("Train.checkpoints_to_keep", 3)),
             num_workers=num_workers,
             eval_batch_size=int(config.get("Evaluate.batch_size")),
+            precision=precision,
         )

@@ -13,6 +13,10 @@ gives the same update on 1 or N devices: XLA partitions the computation and inse
 Randomness (dropout) is not carried in the state: each step's keys are ``fold_in(key(seed), iteration)``
 (one more ``fold_in`` per RNG stream), so a resumed run draws exactly what an uninterrupted one did, and
 nothing random needs checkpointing. (JAX's partitionable Threefry makes the draws independent of sharding.)
+
+Precision: a :class:`~shitu.train.precision.PrecisionPolicy` (``Train.precision``) casts the parameters and the
+images at the top of the differentiated function; the state (master weights, optimizer state, BatchNorm
+statistics) stays float32 whatever the policy.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class TrainStep:
     """Owns the split model and the compiled step.
 
     ``loss_fn(model, images, labels) -> (total, terms)`` is called on the merged model in training mode;
-    ``tx`` is the optax transformation, ``schedule(count)`` the learning rate of optimizer step ``count``.
+    ``tx`` is the optax transformation, ``schedule(count)`` the learning rate of optimizer step ``count``;
+    ``precision`` (``fp32`` or ``bf16``, see :mod:`shitu.train.precision`) how the forward and backward compute.
     """
 
     def __init__(
@@ -49,11 +54,14 @@ class TrainStep:
         schedule: Callable[[Any], Any],
         devices: Sequence[Any],
         seed: int,
+        precision: str = "fp32",
     ) -> None:
         import jax
         import numpy as np
         from flax import nnx
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        from shitu.train.precision import PrecisionPolicy
 
         model.train()
         # Only the graph and the RNG/other templates are kept: the state is always passed in.
@@ -64,6 +72,7 @@ class TrainStep:
         self.tx = tx
         self.schedule = schedule
         self.seed = int(seed)
+        self.policy = PrecisionPolicy(precision)
         self.mesh = Mesh(np.asarray(list(devices)), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
@@ -134,11 +143,16 @@ class TrainStep:
         from flax import nnx
 
         rng_keys, rng_counts = self._fresh_rngs(iteration)
+        policy = self.policy
 
         def loss_of(params: Any, batch_stats: Any, keys: Any, counts: Any) -> tuple[Any, Any]:
-            model = nnx.merge(self.graphdef, params, batch_stats, keys, counts, self._other, copy=True)
-            total, terms = self.loss_fn(model, images, labels)
-            return total, (terms, nnx.state(model, nnx.BatchStat))
+            # Under bf16 the float32 master weights are cast here, so their gradients come back as float32.
+            compute_params = policy.cast_to_compute(params)
+            model = nnx.merge(self.graphdef, compute_params, batch_stats, keys, counts, self._other, copy=True)
+            policy.apply_to_layers(model)
+            total, terms = policy.to_float32(self.loss_fn(model, policy.cast_to_compute(images), labels))
+            new_stats = policy.cast_like(nnx.state(model, nnx.BatchStat), batch_stats)
+            return total, (terms, new_stats)
 
         (_, (terms, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
             state["params"], state["batch_stats"], rng_keys, rng_counts

@@ -265,6 +265,7 @@ def _build(
         settings.epochs,
         steps_per_epoch,
         settings.seed,
+        settings.precision,
         tuple((d.platform, d.id) for d in devices),
         (settings.batch_size, settings.input_size),
     )
@@ -280,7 +281,15 @@ def _build(
             groups=parameter_groups(model, recipe),
         )
         loss = partial(resolve(recipe.loss), train=True)
-        return TrainStep(model, loss_fn=loss, tx=tx, schedule=schedule, devices=devices, seed=settings.seed)
+        return TrainStep(
+            model,
+            loss_fn=loss,
+            tx=tx,
+            schedule=schedule,
+            devices=devices,
+            seed=settings.seed,
+            precision=settings.precision,
+        )
 
     return model, compiled.get(key, make)
 
@@ -333,6 +342,7 @@ def _run(
         "steps_per_epoch": steps_per_epoch,
         "batch_size": s.batch_size,
         "input_size": s.input_size,
+        "precision": s.precision,
         "num_classes": num_classes,
         "train_images": len(samples.paths),
         "devices": len(devices),
@@ -343,7 +353,7 @@ def _run(
     record.log.write(
         f"{'Resume' if resume else 'Start'} training {s.spec.name} on {s.dataset_dir}: "
         f"{info['train_images']} images, {num_classes} classes, {s.epochs} epochs × "
-        f"{steps_per_epoch} iterations, batch {s.batch_size}, input {s.input_size}, "
+        f"{steps_per_epoch} iterations, batch {s.batch_size}, input {s.input_size}, precision {s.precision}, "
         f"{len(devices)} {info['platform']} device(s)"
     )
     record.emit("start", info)
