@@ -8,7 +8,9 @@ OpenVINO. Preprocessing stays shitu's whatever the backend; only the call ``imag
 - ``openvino``: an OpenVINO CPU compiled model, ``INFERENCE_PRECISION_HINT`` f32 or bf16 (bf16 only where
   OpenVINO reports the CPU can).
 - ``int8`` (``onnxruntime`` and ``openvino``): the exported graph quantized after training, its activation
-  ranges calibrated on images the caller names (``calibration``; see :mod:`shitu.export.quantize`).
+  ranges calibrated on images the caller names (``calibration``; see :mod:`shitu.export.quantize`). On a CPU
+  with AVX-512 VNNI OpenVINO runs it fastest (PP-ShiTuV2_rec at 224 px: about 1.7x OpenVINO bf16; ONNX
+  Runtime's int8 is slower than its fp32 there; benchmarks/RESULTS.md).
 - ``auto``: times each available backend that supports the precision on one batch and keeps the fastest; the
   choice is remembered per model, size, precision, CPU and thread count in ``cache_dir()/backends.json``.
 
@@ -208,6 +210,7 @@ class OpenVinoForward:
         core = ov.Core()
         config: dict[str, Any] = {
             "INFERENCE_NUM_THREADS": threads or cpu_threads(),
+            # An int8 graph keeps f32 for its few unquantized operators: the bf16 hint measured no faster there.
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         }
         blobs = cache_dir() / "openvino"
