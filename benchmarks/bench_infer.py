@@ -19,7 +19,10 @@ is that process's maximum resident size), on preprocessed random images, with as
 may use. img/s and batch-1 latency are the fastest of the timed calls (the 2 cores may be shared with other
 work, which only ever makes a call slower). "first call" is setting the runtime up plus the first batch-1 call,
 with the ONNX graph already exported (the export time is printed separately). The ratio columns divide by
-paddle2onnx's graph in OpenVINO bf16 (the deployment peer). Prints the CPU model and flags, and a Markdown table.
+paddle2onnx's graph in OpenVINO bf16 (the deployment peer). "max diff" / "min cosine": unit features on 4 real
+query photos (not calibration images) against shitu JAX fp32. A second table runs the OpenVINO int8 and bf16
+paths and the peer in one process, calls interleaved round by round (``--rounds``), so that other work on the
+cores slows them alike: the fairer ratio on a shared machine. Prints the CPU model and flags, and the tables.
 """
 
 from __future__ import annotations
@@ -67,7 +70,21 @@ def _images(batch: int, layout: str, seed: int = 0) -> np.ndarray:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident size. VmHWM, not ``ru_maxrss``: Linux carries ``ru_maxrss`` over from the
+    parent through fork and exec, so every child would report at least the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _check_images(layout: str) -> np.ndarray:
+    """The feature-check batch: real photos preprocessed by shitu (written by the parent), in ``layout``."""
+    x = np.load(WORK / "check.npy")
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "NCHW" else x
 
 
 # ------------------------------------------------------------------------------------------ one runtime (child)
@@ -107,10 +124,34 @@ def child(args: argparse.Namespace) -> None:
             forward(x)
             runs.append(time.perf_counter() - t0)
         results[batch] = min(runs)
-    features = np.asarray(forward(_images(CHECK_BATCH, layout, seed=99)), np.float32)
+    features = np.asarray(forward(_check_images(layout)), np.float32)
     features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)  # Paddle's are not normalised
     np.save(args.features, features)
     print(json.dumps({"first_s": first, "best_s": results, "peak_rss_mb": _peak_rss_mb()}))
+
+
+def head_to_head(args: argparse.Namespace) -> None:
+    """The OpenVINO paths in one process, their calls interleaved round by round (so that other work on shared
+    cores slows them alike); the fastest call per path and batch, as one JSON line."""
+    from shitu.export.backends import OpenVinoForward
+
+    paths = json.loads(args.head_to_head)
+    forwards = {
+        name: (OpenVinoForward(Path(file), precision=precision), layout) for name, file, precision, layout in paths
+    }
+    best = {name: dict.fromkeys(BATCHES, float("inf")) for name in forwards}
+    calls = {1: 5, 8: 2, 32: 1}
+    for round_index in range(args.rounds):
+        for batch in BATCHES:
+            for name, (forward, layout) in forwards.items():
+                x = _images(batch, layout, seed=batch)
+                if round_index == 0:
+                    forward(x)
+                for _ in range(calls[batch]):
+                    t0 = time.perf_counter()
+                    forward(x)
+                    best[name][batch] = min(best[name][batch], time.perf_counter() - t0)
+    print(json.dumps(best))
 
 
 def run_child(name: str, args: argparse.Namespace, bundle: Path, onnx_file: Path | None) -> dict | None:
@@ -216,6 +257,8 @@ def main() -> None:
     parser.add_argument("--reps1", type=int, default=20)
     parser.add_argument("--reps8", type=int, default=5)
     parser.add_argument("--reps32", type=int, default=3)
+    parser.add_argument("--head-to-head", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of the interleaved OpenVINO comparison")
     parser.add_argument("--paddle-venv", type=Path, default=PADDLE_VENV_DEFAULT, help="paddlepaddle + paddle2onnx")
     parser.add_argument("--parity", type=Path, default=PARITY_DEFAULT, help="tests/parity/paddle_reference.py --out")
     args = parser.parse_args()
@@ -223,6 +266,9 @@ def main() -> None:
     args.paddle_venv = args.paddle_venv.absolute()
     if args.child:
         child(args)
+        return
+    if args.head_to_head:
+        head_to_head(args)
         return
     if args.quick:
         args.reps1, args.reps8, args.reps32 = 5, 2, 1
@@ -238,11 +284,16 @@ def main() -> None:
 
     t0 = time.perf_counter()
     recognizer = resolve_model(bundle)
-    exported_onnx(recognizer)  # into the cache, so the children measure loading, not exporting
+    shitu_fp32 = exported_onnx(recognizer)  # into the cache, so the children measure loading, not exporting
     print(f"shitu ONNX export (jax2onnx + check): {time.perf_counter() - t0:.1f} s", flush=True)
     t0 = time.perf_counter()
     calibration = calibration_images()
-    exported_onnx(recognizer, calibration)
+    shitu_int8 = exported_onnx(recognizer, calibration)
+    from shitu.data.demo import demo_dataset_path
+    from shitu.data.inputs import resolve_inputs
+
+    queries = resolve_inputs(demo_dataset_path() / "query.txt", skipped=[])[:CHECK_BATCH]  # not calibration images
+    np.save(WORK / "check.npy", np.stack([recognizer.preprocess(p) for p in queries]).astype(np.float32))
     print(f"shitu int8 quantization ({calibration.describe()}): {time.perf_counter() - t0:.1f} s", flush=True)
     have_paddle = (args.paddle_venv / "bin" / "python").is_file() and (args.parity_model / "inference").is_dir()
     p2o = paddle2onnx_graph(args) if have_paddle and (args.paddle_venv / "bin" / "paddle2onnx").is_file() else None
@@ -286,6 +337,25 @@ def main() -> None:
             f"| {name} | {1 / m[1]:.1f} | {8 / m[8]:.1f} | {32 / m[32]:.1f} | {1000 * m[1]:.1f} | "
             f"{row['first_s']:.2f} | {rss} | {ratio} | {diff} | {cosine} |"
         )
+    paths = [
+        ("shitu ONNX → OpenVINO int8", str(shitu_int8), "int8", "NHWC"),
+        ("shitu ONNX → OpenVINO bf16", str(shitu_fp32), "bf16", "NHWC"),
+    ]
+    if p2o is not None:
+        paths.append((PEER, str(p2o), "bf16", "NCHW"))
+    print(f"\nOpenVINO paths interleaved in one process ({args.rounds} rounds) ...", flush=True)
+    command = [sys.executable, __file__, "--head-to-head", json.dumps(paths), "--rounds", str(args.rounds)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        print(f"  failed: {proc.stderr.strip()[-400:]}", flush=True)
+        return
+    best = {name: {int(b): t for b, t in row.items()} for name, row in json.loads(proc.stdout.splitlines()[-1]).items()}
+    peer = best.get(PEER, {})
+    print(f"| runtime (interleaved) | img/s b1 | img/s b8 | img/s b32 | b1 latency ms | b1 vs {PEER} | b32 vs {PEER} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, m in best.items():
+        ratio = " | ".join(f"{peer[b] / m[b]:.2f}×" if b in peer else "-" for b in (1, 32))
+        print(f"| {name} | {1 / m[1]:.1f} | {8 / m[8]:.1f} | {32 / m[32]:.1f} | {1000 * m[1]:.1f} | {ratio} |")
 
 
 if __name__ == "__main__":
