@@ -1,17 +1,28 @@
 """Inference of PP-ShiTuV2_rec at 224 px on every runtime side by side: shitu's JAX model (fp32, bf16), shitu's
-exported ONNX graph in ONNX Runtime and in OpenVINO (f32, bf16) and, when ``.venv-paddle`` exists (paddlepaddle
-+ paddle2onnx, see reference/stack_notes.md), Paddle Inference and paddle2onnx's graph of the same weights.
+exported ONNX graph in ONNX Runtime (fp32, int8) and in OpenVINO (f32, bf16, int8) and, when ``.venv-paddle``
+exists (paddlepaddle + paddle2onnx, see reference/stack_notes.md), Paddle Inference and paddle2onnx's graph of the
+same weights in ONNX Runtime and OpenVINO (f32, bf16).
 
     .venv/bin/python benchmarks/bench_infer.py            # about 5-10 minutes on 2 cores
     .venv/bin/python benchmarks/bench_infer.py --quick    # fewer repetitions
+    .venv/bin/python benchmarks/bench_infer.py --paddle-venv ../export/.venv-paddle --parity ../export/.work/parity
+
+int8 rows: ``--precision int8``, the exported graph quantized after training (static QDQ, see
+shitu/export/quantize.py) and calibrated on the bundled demo set's 40 gallery photos (real images, preprocessed
+as shitu does); the quantized graph is made before the timed processes start, as the fp32 export is.
 
 Weights: PaddleClas' random reference model (``.work/parity/PP-ShiTuV2_rec``, made by
 ``tests/parity/paddle_reference.py`` with the Paddle environment) imported into a shitu bundle, so every runtime
 computes the same features (the table's last column is each one's largest difference to shitu JAX fp32);
 without it, a random shitu bundle and no Paddle rows. Each runtime runs in a process of its own (its peak memory
 is that process's maximum resident size), on preprocessed random images, with as many threads as the process
-may use. "first call" is setting the runtime up plus the first batch-1 call, with the ONNX graph already exported
-(the export time is printed separately). Prints the CPU model and flags, and a Markdown table.
+may use. img/s and batch-1 latency are the fastest of the timed calls (the 2 cores may be shared with other
+work, which only ever makes a call slower). "first call" is setting the runtime up plus the first batch-1 call,
+with the ONNX graph already exported (the export time is printed separately). The ratio columns divide by
+paddle2onnx's graph in OpenVINO bf16 (the deployment peer). "max diff" / "min cosine": unit features on 4 real
+query photos (not calibration images) against shitu JAX fp32. A second table runs the OpenVINO int8 and bf16
+paths and the peer in one process, calls interleaved round by round (``--rounds``), so that other work on the
+cores slows them alike: the fairer ratio on a shared machine. Prints the CPU model and flags, and the tables.
 """
 
 from __future__ import annotations
@@ -20,7 +31,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -33,9 +43,9 @@ from _machine import cpu_flags, cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".work" / "bench_infer"
-PARITY = ROOT / ".work" / "parity" / "PP-ShiTuV2_rec"
-PADDLE_PY = ROOT / ".venv-paddle" / "bin" / "python"
-PADDLE2ONNX = ROOT / ".venv-paddle" / "bin" / "paddle2onnx"
+PARITY_DEFAULT = ROOT / ".work" / "parity"
+PADDLE_VENV_DEFAULT = ROOT / ".venv-paddle"
+PEER = "paddle2onnx → OpenVINO bf16"
 SIZE = 224
 BATCHES = (1, 8, 32)
 CHECK_BATCH = 4
@@ -46,6 +56,8 @@ RUNTIMES = {
     "shitu ONNX → ONNX Runtime": ("shitu", "onnxruntime", "fp32"),
     "shitu ONNX → OpenVINO f32": ("shitu", "openvino", "fp32"),
     "shitu ONNX → OpenVINO bf16": ("shitu", "openvino", "bf16"),
+    "shitu ONNX → ONNX Runtime int8": ("shitu", "onnxruntime", "int8"),
+    "shitu ONNX → OpenVINO int8": ("shitu", "openvino", "int8"),
     "paddle2onnx → ONNX Runtime": ("paddle2onnx", "onnxruntime", "fp32"),
     "paddle2onnx → OpenVINO f32": ("paddle2onnx", "openvino", "fp32"),
     "paddle2onnx → OpenVINO bf16": ("paddle2onnx", "openvino", "bf16"),
@@ -58,7 +70,21 @@ def _images(batch: int, layout: str, seed: int = 0) -> np.ndarray:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident size. VmHWM, not ``ru_maxrss``: Linux carries ``ru_maxrss`` over from the
+    parent through fork and exec, so every child would report at least the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _check_images(layout: str) -> np.ndarray:
+    """The feature-check batch: real photos preprocessed by shitu (written by the parent), in ``layout``."""
+    x = np.load(WORK / "check.npy")
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "NCHW" else x
 
 
 # ------------------------------------------------------------------------------------------ one runtime (child)
@@ -74,7 +100,8 @@ def child(args: argparse.Namespace) -> None:
         from shitu.runtime import configure_jax
 
         configure_jax()
-        recognizer = resolve_model(Path(args.bundle), backend=backend, precision=precision)
+        calibration = calibration_images() if precision == "int8" else None
+        recognizer = resolve_model(Path(args.bundle), backend=backend, precision=precision, calibration=calibration)
         forward, layout = recognizer.embed_arrays, "NHWC"
     else:
         from shitu.export.backends import OnnxRuntimeForward, OpenVinoForward
@@ -96,11 +123,35 @@ def child(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             forward(x)
             runs.append(time.perf_counter() - t0)
-        results[batch] = statistics.median(runs)
-    features = np.asarray(forward(_images(CHECK_BATCH, layout, seed=99)), np.float32)
+        results[batch] = min(runs)
+    features = np.asarray(forward(_check_images(layout)), np.float32)
     features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)  # Paddle's are not normalised
     np.save(args.features, features)
-    print(json.dumps({"first_s": first, "median_s": results, "peak_rss_mb": _peak_rss_mb()}))
+    print(json.dumps({"first_s": first, "best_s": results, "peak_rss_mb": _peak_rss_mb()}))
+
+
+def head_to_head(args: argparse.Namespace) -> None:
+    """The OpenVINO paths in one process, their calls interleaved round by round (so that other work on shared
+    cores slows them alike); the fastest call per path and batch, as one JSON line."""
+    from shitu.export.backends import OpenVinoForward
+
+    paths = json.loads(args.head_to_head)
+    forwards = {
+        name: (OpenVinoForward(Path(file), precision=precision), layout) for name, file, precision, layout in paths
+    }
+    best = {name: dict.fromkeys(BATCHES, float("inf")) for name in forwards}
+    calls = {1: 5, 8: 2, 32: 1}
+    for round_index in range(args.rounds):
+        for batch in BATCHES:
+            for name, (forward, layout) in forwards.items():
+                x = _images(batch, layout, seed=batch)
+                if round_index == 0:
+                    forward(x)
+                for _ in range(calls[batch]):
+                    t0 = time.perf_counter()
+                    forward(x)
+                    best[name][batch] = min(best[name][batch], time.perf_counter() - t0)
+    print(json.dumps(best))
 
 
 def run_child(name: str, args: argparse.Namespace, bundle: Path, onnx_file: Path | None) -> dict | None:
@@ -139,24 +190,26 @@ def paddle_inference(args: argparse.Namespace) -> dict | None:
     """Paddle Inference (MKLDNN) on the reference export, through benchmarks/_paddle_infer.py."""
     helper = Path(__file__).resolve().parent / "_paddle_infer.py"
     reps = [str(args.reps1), str(args.reps8), str(args.reps32)]
-    command = [str(PADDLE_PY), str(helper), "infer", "--model-dir", str(PARITY / "inference")]
+    command = [str(args.paddle_venv / "bin" / "python"), str(helper), "infer"]
+    command += ["--model-dir", str(args.parity_model / "inference")]
     command += ["--batches", *map(str, BATCHES), "--reps", *reps, "--size", str(SIZE)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         print(f"  Paddle Inference failed: {proc.stderr.strip()[-400:]}", flush=True)
         return None
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
-    medians = {r["batch"]: r["median_s"] for r in doc["results"]}
+    fastest = {r["batch"]: min(r["runs_s"]) for r in doc["results"]}
     first = doc["create_s"] + doc["results"][0]["first_s"]
-    return {"first_s": first, "median_s": medians, "peak_rss_mb": doc.get("peak_rss_mb"), "paddle": doc["paddle"]}
+    return {"first_s": first, "best_s": fastest, "peak_rss_mb": doc.get("peak_rss_mb"), "paddle": doc["paddle"]}
 
 
-def paddle2onnx_graph() -> Path | None:
+def paddle2onnx_graph(args: argparse.Namespace) -> Path | None:
     target = WORK / "paddle2onnx" / "model.onnx"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    command = [str(PADDLE2ONNX), "-m", str(PARITY / "inference"), "-mf", "inference.json"]
+    command = [str(args.paddle_venv / "bin" / "paddle2onnx"), "-m", str(args.parity_model / "inference")]
+    command += ["-mf", "inference.json"]
     command += ["-pf", "inference.pdiparams", "-s", str(target)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not target.is_file():
@@ -168,14 +221,22 @@ def paddle2onnx_graph() -> Path | None:
 # ------------------------------------------------------------------------------------------------------ main
 
 
-def shitu_bundle() -> tuple[Path, str]:
+def calibration_images():
+    """The images the int8 rows are calibrated on: the bundled demo set's gallery (40 real photos)."""
+    from shitu.data.demo import demo_dataset_path
+    from shitu.export.quantize import calibration_set
+
+    return calibration_set(demo_dataset_path() / "gallery.txt")
+
+
+def shitu_bundle(parity_model: Path) -> tuple[Path, str]:
     """The bundle every shitu runtime loads: PaddleClas' reference weights imported, else random weights."""
     bundle = WORK / "bundle"
-    if (PARITY / "inference" / "inference.json").is_file():
+    if (parity_model / "inference" / "inference.json").is_file():
         if not bundle.is_dir():
             from shitu.weights.importer import import_weights
 
-            import_weights("PP-ShiTuV2_rec", PARITY / "inference", bundle, overwrite=True)
+            import_weights("PP-ShiTuV2_rec", parity_model / "inference", bundle, overwrite=True)
         return bundle, "PaddleClas reference export (random weights), imported"
     if not bundle.is_dir():
         from shitu.models.bundle import save_bundle
@@ -196,9 +257,18 @@ def main() -> None:
     parser.add_argument("--reps1", type=int, default=20)
     parser.add_argument("--reps8", type=int, default=5)
     parser.add_argument("--reps32", type=int, default=3)
+    parser.add_argument("--head-to-head", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of the interleaved OpenVINO comparison")
+    parser.add_argument("--paddle-venv", type=Path, default=PADDLE_VENV_DEFAULT, help="paddlepaddle + paddle2onnx")
+    parser.add_argument("--parity", type=Path, default=PARITY_DEFAULT, help="tests/parity/paddle_reference.py --out")
     args = parser.parse_args()
+    args.parity_model = args.parity.resolve() / "PP-ShiTuV2_rec"
+    args.paddle_venv = args.paddle_venv.absolute()
     if args.child:
         child(args)
+        return
+    if args.head_to_head:
+        head_to_head(args)
         return
     if args.quick:
         args.reps1, args.reps8, args.reps32 = 5, 2, 1
@@ -206,17 +276,27 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
     print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; flags: {' '.join(flags)}", flush=True)
-    bundle, weights = shitu_bundle()
+    bundle, weights = shitu_bundle(args.parity_model)
     print(f"weights: {weights}", flush=True)
 
     from shitu.embed.resolve import resolve_model
     from shitu.export.backends import exported_onnx, jax_bf16_available
 
     t0 = time.perf_counter()
-    exported_onnx(resolve_model(bundle))  # into the cache, so the children measure loading, not exporting
+    recognizer = resolve_model(bundle)
+    shitu_fp32 = exported_onnx(recognizer)  # into the cache, so the children measure loading, not exporting
     print(f"shitu ONNX export (jax2onnx + check): {time.perf_counter() - t0:.1f} s", flush=True)
-    have_paddle = PADDLE_PY.is_file() and (PARITY / "inference").is_dir()
-    p2o = paddle2onnx_graph() if have_paddle and PADDLE2ONNX.is_file() else None
+    t0 = time.perf_counter()
+    calibration = calibration_images()
+    shitu_int8 = exported_onnx(recognizer, calibration)
+    from shitu.data.demo import demo_dataset_path
+    from shitu.data.inputs import resolve_inputs
+
+    queries = resolve_inputs(demo_dataset_path() / "query.txt", skipped=[])[:CHECK_BATCH]  # not calibration images
+    np.save(WORK / "check.npy", np.stack([recognizer.preprocess(p) for p in queries]).astype(np.float32))
+    print(f"shitu int8 quantization ({calibration.describe()}): {time.perf_counter() - t0:.1f} s", flush=True)
+    have_paddle = (args.paddle_venv / "bin" / "python").is_file() and (args.parity_model / "inference").is_dir()
+    p2o = paddle2onnx_graph(args) if have_paddle and (args.paddle_venv / "bin" / "paddle2onnx").is_file() else None
 
     rows: dict[str, dict] = {}
     for name, (source, backend, precision) in RUNTIMES.items():
@@ -236,18 +316,18 @@ def main() -> None:
             rows[f"Paddle Inference {paddle['paddle']} (oneDNN)"] = paddle
 
     for row in rows.values():  # JSON made the batch keys strings
-        row["median_s"] = {int(k): v for k, v in row["median_s"].items()}
+        row["best_s"] = {int(k): v for k, v in row["best_s"].items()}
     reference = rows.get("shitu JAX fp32", {}).get("features")
-    base = rows.get("shitu JAX fp32", {}).get("median_s", {}).get(32)
+    peer = rows.get(PEER, {}).get("best_s", {})
     print()
     print(
-        "| runtime | img/s b1 | img/s b8 | img/s b32 | b1 latency ms | first call s | peak RSS MB | b32 vs JAX fp32 "
-        "| max diff to JAX fp32 |"
+        f"| runtime | img/s b1 | img/s b8 | img/s b32 | b1 latency ms | first call s | peak RSS MB | b1 vs {PEER} "
+        f"| b32 vs {PEER} | max diff to JAX fp32 | min cosine to JAX fp32 |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
-        m = row["median_s"]
-        ratio = f"{base / m[32]:.2f}×" if base else "-"
+        m = row["best_s"]
+        ratio = " | ".join(f"{peer[b] / m[b]:.2f}×" if b in peer else "-" for b in (1, 32))
         diff = cosine = "-"
         if reference is not None and row.get("features") is not None:
             diff = f"{float(np.abs(row['features'] - reference).max()):.1e}"
@@ -257,6 +337,25 @@ def main() -> None:
             f"| {name} | {1 / m[1]:.1f} | {8 / m[8]:.1f} | {32 / m[32]:.1f} | {1000 * m[1]:.1f} | "
             f"{row['first_s']:.2f} | {rss} | {ratio} | {diff} | {cosine} |"
         )
+    paths = [
+        ("shitu ONNX → OpenVINO int8", str(shitu_int8), "int8", "NHWC"),
+        ("shitu ONNX → OpenVINO bf16", str(shitu_fp32), "bf16", "NHWC"),
+    ]
+    if p2o is not None:
+        paths.append((PEER, str(p2o), "bf16", "NCHW"))
+    print(f"\nOpenVINO paths interleaved in one process ({args.rounds} rounds) ...", flush=True)
+    command = [sys.executable, __file__, "--head-to-head", json.dumps(paths), "--rounds", str(args.rounds)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        print(f"  failed: {proc.stderr.strip()[-400:]}", flush=True)
+        return
+    best = {name: {int(b): t for b, t in row.items()} for name, row in json.loads(proc.stdout.splitlines()[-1]).items()}
+    peer = best.get(PEER, {})
+    print(f"| runtime (interleaved) | img/s b1 | img/s b8 | img/s b32 | b1 latency ms | b1 vs {PEER} | b32 vs {PEER} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, m in best.items():
+        ratio = " | ".join(f"{peer[b] / m[b]:.2f}×" if b in peer else "-" for b in (1, 32))
+        print(f"| {name} | {1 / m[1]:.1f} | {8 / m[8]:.1f} | {32 / m[32]:.1f} | {1000 * m[1]:.1f} | {ratio} |")
 
 
 if __name__ == "__main__":

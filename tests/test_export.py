@@ -4,6 +4,7 @@ a two-block CLIP ViT): every runtime's features equal shitu's JAX features to 1e
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -177,6 +178,36 @@ def test_backends_equal_jax_and_reuse_the_cached_export(bundles, images, monkeyp
     if backends.installed("openvino"):
         assert recognizer.use_backend("openvino").backend == "openvino"
         assert np.abs(recognizer.embed_arrays(images) - expected).max() <= TOL
+
+
+def test_openvino_recompiles_a_graph_rewritten_at_the_same_path(tmp_path):
+    pytest.importorskip("openvino")
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from shitu.export.backends import OpenVinoForward
+
+    def write_scaling_graph(path: Path, factor: float) -> None:
+        shape = [1, 4]
+        weight = numpy_helper.from_array(np.full(shape, factor, np.float32), "factor")
+        graph = helper.make_graph(
+            [helper.make_node("Mul", ["images", "factor"], ["features"])],
+            "scale",
+            [helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info("features", TensorProto.FLOAT, shape)],
+            [weight],
+        )
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+    model_file = tmp_path / "model.onnx"
+    ones = np.ones((1, 4), np.float32)
+    write_scaling_graph(model_file, 2.0)
+    assert np.array_equal(OpenVinoForward(model_file)(ones), 2 * ones)
+    stamp = model_file.stat().st_mtime_ns
+    write_scaling_graph(model_file, 3.0)  # same path, size and config, other content: not the cached blob
+    os.utime(model_file, ns=(stamp, stamp))  # as a copy keeping times, or a rewrite within one clock tick
+    assert np.array_equal(OpenVinoForward(model_file)(ones), 3 * ones)
+    assert np.array_equal(OpenVinoForward(model_file)(ones), 3 * ones)  # and its own blob is reused
 
 
 def test_bf16_runs_where_the_cpu_can_and_is_refused_where_it_cannot(recognizers, images):

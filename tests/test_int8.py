@@ -150,3 +150,30 @@ def test_cli_export_int8_records_precision_and_calibration_hash(cli, bundle, gal
         "--calibration", gallery,
     )  # fmt: skip
     assert stablehlo.code != 0 and "ONNX only" in stablehlo.stderr and not (tmp_path / "s").exists()
+
+
+def test_auto_int8_times_the_int8_backends_and_remembers_per_calibration_set(bundle, gallery, fp32_features, tmp_path):
+    from shitu.embed.resolve import resolve_model
+    from shitu.export.backends import CHOICES_FILE, installed
+
+    recognizer = resolve_model(bundle, backend="auto", precision="int8", calibration=gallery)
+    choice = recognizer.backend
+    measured = [b for b in ("onnxruntime", "openvino") if installed(b)]
+    assert choice.precision == "int8" and choice.backend in measured
+    assert "measured 8 images" in choice.note and all(b in choice.note for b in measured)
+    assert "jax" not in choice.note  # JAX has no int8 path
+    assert _cosines(recognizer, gallery, fp32_features).min() >= MIN_COSINE
+    choices = Path(os.environ["SHITU_CACHE_DIR"]) / CHOICES_FILE
+    keys = [key for key in json.loads(choices.read_text()) if "|int8-" in key]
+    assert len(keys) == 1
+
+    again = resolve_model(bundle, backend="auto", precision="int8", calibration=gallery)
+    assert again.backend.backend == choice.backend and "measured earlier" in again.backend.note
+
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for path in sorted(gallery.glob("*.png"))[:4]:
+        (fewer / path.name).write_bytes(path.read_bytes())
+    other = resolve_model(bundle, backend="auto", precision="int8", calibration=fewer)
+    assert "measured earlier" not in other.backend.note  # another calibration set is another graph: timed anew
+    assert len([key for key in json.loads(choices.read_text()) if "|int8-" in key]) == 2

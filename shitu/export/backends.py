@@ -8,13 +8,16 @@ OpenVINO. Preprocessing stays shitu's whatever the backend; only the call ``imag
 - ``openvino``: an OpenVINO CPU compiled model, ``INFERENCE_PRECISION_HINT`` f32 or bf16 (bf16 only where
   OpenVINO reports the CPU can).
 - ``int8`` (``onnxruntime`` and ``openvino``): the exported graph quantized after training, its activation
-  ranges calibrated on images the caller names (``calibration``; see :mod:`shitu.export.quantize`).
+  ranges calibrated on images the caller names (``calibration``; see :mod:`shitu.export.quantize`). On a CPU
+  with AVX-512 VNNI OpenVINO runs it fastest (PP-ShiTuV2_rec at 224 px: about 1.7x OpenVINO bf16; ONNX
+  Runtime's int8 is slower than its fp32 there; benchmarks/RESULTS.md).
 - ``auto``: times each available backend that supports the precision on one batch and keeps the fastest; the
   choice is remembered per model, size, precision, CPU and thread count in ``cache_dir()/backends.json``.
 
 The ONNX graph is exported once per model (parameter checksum) and input size into
 ``shitu.runtime.cache_dir()/exported/`` (int8: also per calibration set hash); OpenVINO keeps its compiled
-blobs per precision in ``cache_dir()/openvino``. So a second process neither re-exports nor recompiles.
+blobs per graph content and precision in ``cache_dir()/openvino``. So a second process neither re-exports nor
+recompiles.
 
 Commands choose a backend for everything they load with :func:`inference_backend` (a context); the API
 passes ``backend=``/``precision=`` to :func:`shitu.embed.predict.create_model` or ``resolve_model``.
@@ -203,14 +206,18 @@ class OpenVinoForward:
     def __init__(self, model_file: Path, *, precision: str = "fp32", threads: int | None = None) -> None:
         import openvino as ov
 
+        from shitu.hub.download import file_sha256
         from shitu.runtime import cache_dir
 
         core = ov.Core()
         config: dict[str, Any] = {
             "INFERENCE_NUM_THREADS": threads or cpu_threads(),
+            # An int8 graph keeps f32 for its few unquantized operators: the bf16 hint measured no faster there.
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         }
-        blobs = cache_dir() / "openvino"
+        # OpenVINO keys its compiled blobs by the model file's path and the config, not by the file's content
+        # (a graph rewritten at the same path got the old blob back): one blob folder per content hash.
+        blobs = cache_dir() / "openvino" / file_sha256(model_file)[:16]
         with contextlib.suppress(OSError):  # a read-only cache: compile every time instead
             blobs.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(blobs)
