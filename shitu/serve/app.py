@@ -393,7 +393,7 @@ class Service:
         return results  # type: ignore[return-value]
 
     async def embed(self, decoded: list[Decoded]) -> np.ndarray:
-        return await self.batcher.embed(np.stack([item.array for item in decoded]))
+        return await self.batcher.embed([item.array for item in decoded])  # stacked in the model thread
 
     def count(self, gallery: Any) -> None:
         self.metrics.index_size.labels(gallery.name).set(len(gallery))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +67,9 @@ class DynamicBatcher:
     def depth(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
 
-    async def embed(self, images: np.ndarray) -> np.ndarray:
-        """Features of ``images`` (float32 [N, S, S, 3], preprocessed): float32 [N, D] unit rows."""
+    async def embed(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Features of ``images`` (float32 [N, S, S, 3], or N arrays [S, S, 3], preprocessed): float32 [N, D]
+        unit rows."""
         if self._queue is None:
             raise RuntimeError("the batcher is not started")
         loop = asyncio.get_running_loop()
@@ -102,9 +103,7 @@ class DynamicBatcher:
                 continue
             started = time.perf_counter()
             try:
-                features = await loop.run_in_executor(
-                    self._model_thread, self._embed, np.stack([item.image for item in batch])
-                )
+                features = await loop.run_in_executor(self._model_thread, self._stack_and_embed, batch)
             except Exception as exc:  # the model failed: every request of the batch gets the error
                 for item in batch:
                     if not item.future.done():
@@ -114,6 +113,10 @@ class DynamicBatcher:
             for item, row in zip(batch, features, strict=True):
                 if not item.future.done():
                     item.future.set_result(row)
+
+    def _stack_and_embed(self, batch: list[_Pending]) -> np.ndarray:
+        # in the model thread: at 224 px a batch of 32 is 19 MB to copy, which the event loop should not wait on
+        return self._embed(np.stack([item.image for item in batch]))
 
 
 def warm_up(embed_arrays: Callable[[np.ndarray], np.ndarray], buckets: Any, size: int, max_batch: int) -> int:
