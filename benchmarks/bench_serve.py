@@ -178,7 +178,9 @@ def _offline(bundle: Path, paths: list[Path], backend: str, seconds: float) -> t
     return rows, offline
 
 
-def _serve(args: argparse.Namespace, backend: str, offline: float, work: Path, bodies: dict, script: Path) -> list:
+def _serve(
+    args: argparse.Namespace, backend: str, offline: float, work: Path, gallery: Path, bodies: dict, script: Path
+) -> list:
     """The server rows of ``backend``: embed under load and alone, search alone and with adds alongside."""
     import httpx
     from serve_support import Server
@@ -188,7 +190,7 @@ def _serve(args: argparse.Namespace, backend: str, offline: float, work: Path, b
         work / f"state-{backend}",
         Path(os.environ["SHITU_CACHE_DIR"]),
         "--index",
-        str(work / "gallery"),
+        str(gallery),
         "--backend",
         backend,
         *shlex.split(args.server_args),
@@ -246,6 +248,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--backend", default="jax", help="comma-separated backends (jax, onnxruntime, openvino, auto)")
     parser.add_argument("--form", choices=("json", "multipart"), default="json", help="how requests carry images")
+    parser.add_argument("--gallery-cache", type=Path, help="keep the synthetic gallery in this folder between runs")
+    parser.add_argument("--build-only", action="store_true", help="build the gallery and stop")
     parser.add_argument("--server-args", default="--max-batch 32 --max-wait-ms 5", help="extra `shitu serve` options")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -287,8 +291,16 @@ def main() -> None:
         "build_index(v, rng.integers(0, 1000, n).tolist(), [f'synthetic/{i}' for i in range(n)], "
         "output=sys.argv[2], recognizer_info=json.loads(sys.argv[3]))"
     )
-    subprocess.run([sys.executable, "-c", script, str(args.gallery), str(work / "gallery"), info], check=True)
-    print(f"gallery of {args.gallery} built in {time.perf_counter() - t0:.1f} s", flush=True)
+    gallery = work / "gallery"
+    if args.gallery_cache is not None:  # the same synthetic gallery, kept between runs (its build is not timed)
+        gallery = args.gallery_cache / f"gallery-{args.gallery}-{args.size}px"
+    if (gallery / "index.json").is_file():
+        print(f"gallery of {args.gallery} reused from {gallery}", flush=True)
+    else:
+        subprocess.run([sys.executable, "-c", script, str(args.gallery), str(gallery), info], check=True)
+        print(f"gallery of {args.gallery} built in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.build_only:
+        return
 
     wrk_script = work / "post.lua"
     wrk_script.write_text(WRK_SCRIPT.replace("CONTENT_TYPE", json.dumps(_content_type(args.form))))
@@ -306,7 +318,7 @@ def main() -> None:
     for backend in args.backend.split(","):
         offline_rows, offline = _offline(bundle, paths, backend, args.seconds)
         rows += offline_rows
-        rows += _serve(args, backend, offline, work, bodies, wrk_script)
+        rows += _serve(args, backend, offline, work, gallery, bodies, wrk_script)
     print(f"\nserver: shitu serve {args.server_args}; requests: {args.form}")
     print(
         "\n| measurement | throughput | / offline | latency p50 / p95 / p99 (ms) | CPU ms per image |"
