@@ -136,3 +136,34 @@ def test_the_service_embeds_on_the_backend_it_was_given(tiny_bundle, tmp_path, m
         service.io_pool.shutdown()
     assert service.recognizer.backend is not None and service.recognizer.backend.backend == "onnxruntime"
     np.testing.assert_allclose(features["onnxruntime"], features["jax"], atol=2e-4)
+
+
+def _batch_sizes(count: int, **options: object) -> tuple[list[int], list[np.ndarray]]:
+    """The model calls a DynamicBatcher makes for ``count`` one-image requests arriving together, and the
+    answers each request got (the fake model returns each image's first two values)."""
+    from shitu.serve.batching import DynamicBatcher
+
+    calls: list[int] = []
+
+    def model(images: np.ndarray) -> np.ndarray:
+        calls.append(len(images))
+        return images.reshape(len(images), -1)[:, :2].copy()
+
+    async def main() -> list[np.ndarray]:
+        batcher = DynamicBatcher(model, max_wait=0.05, **options)
+        batcher.start()
+        try:
+            images = [np.full((1, 2, 2, 3), n, np.float32) for n in range(count)]
+            return list(await asyncio.gather(*(batcher.embed(image) for image in images)))
+        finally:
+            await batcher.stop()
+
+    return calls, asyncio.run(main())
+
+
+def test_batches_run_at_the_sizes_the_model_does_not_pad_and_the_rest_follow():
+    calls, answers = _batch_sizes(11, max_batch=16, sizes=(1, 2, 4, 8, 16, 32))
+    assert calls == [8, 2, 1]  # not one call of 11 padded to 16
+    assert [float(answer[0, 0]) for answer in answers] == list(range(11))  # each request got its own row
+    assert _batch_sizes(11, max_batch=16)[0] == [11]  # a backend without padding takes any size
+    assert _batch_sizes(12, max_batch=12, sizes=(1, 2, 4, 8, 16))[0] == [12]  # a full batch always runs whole

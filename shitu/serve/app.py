@@ -279,6 +279,7 @@ class Service:
             self.recognizer.embed_arrays,
             max_batch=self.settings.max_batch,
             max_wait=self.settings.max_wait_ms / 1000.0,
+            sizes=getattr(self.recognizer.forward, "buckets", None),  # JAX pads to these; ONNX/OpenVINO do not
             on_batch=self._on_batch,
             on_queue=self.metrics.queue_depth.set,
         )
