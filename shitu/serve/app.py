@@ -522,9 +522,8 @@ class BodyLimit:
 
 
 class Observe:
-    """ASGI middleware: the API key check and the request metrics. A plain ASGI wrapper, because Starlette's
-    ``@app.middleware("http")`` runs every request through an extra task and memory streams (measurable
-    CPU per request on a busy event loop)."""
+    """ASGI middleware: the API key check and the request metrics. A plain ASGI wrapper: Starlette's
+    ``@app.middleware("http")`` would run every request through an extra task and memory streams."""
 
     def __init__(self, app: Any, service: Service, api_key: str | None) -> None:
         self.app = app
