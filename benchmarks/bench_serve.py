@@ -183,7 +183,10 @@ def _serve(
 ) -> list:
     """The server rows of ``backend``: embed under load and alone, search alone and with adds alongside."""
     import httpx
+    import serve_support
     from serve_support import Server
+
+    serve_support.START_TIMEOUT = 900.0  # compiling every batch shape at 224 px on 2 busy cores takes minutes
 
     server = Server(
         work / "bundle",
