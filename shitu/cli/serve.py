@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from shitu.cli._options import Backend, BackendOption, CalibrationOption, Precision, PrecisionOption
 from shitu.errors import ShituError
 
 
@@ -36,6 +37,9 @@ def serve(
     input_size: Annotated[
         int | None, typer.Option("--input-size", min=8, help="Resize to this size (default: the model's).")
     ] = None,
+    backend: BackendOption = Backend.jax,
+    precision: PrecisionOption = Precision.fp32,
+    calibration: CalibrationOption = None,
     max_images: Annotated[int, typer.Option("--max-images", min=1, help="Images per request.")] = 64,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Request body limit.")] = 32.0,
     max_pixels: Annotated[
@@ -66,6 +70,13 @@ def serve(
 
     if (model is None) == (model_dir is None):
         raise ShituError("give either --model NAME or --model-dir BUNDLE")
+    calibration_images = None
+    if precision == Precision.int8:  # resolved (and refused when missing) before the server binds its port
+        from shitu.export.quantize import calibration_set
+
+        calibration_images = calibration_set(calibration)
+    elif calibration:
+        raise ShituError("calibration images are used with --precision int8 only")
     settings = ServeSettings(
         model=model_dir.absolute() if model_dir is not None else str(model),
         index=index.absolute() if index is not None else None,
@@ -73,6 +84,9 @@ def serve(
         host=host,
         port=port,
         input_size=input_size,
+        backend=str(backend.value),
+        precision=str(precision.value),
+        calibration=calibration_images,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         max_images=max_images,

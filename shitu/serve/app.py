@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,6 +38,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from shitu.errors import ShituError
 from shitu.serve.state import DEFAULT_GALLERY, REF_PATTERN, Conflict, GalleryStore, NotFound
 
+try:  # the serve extra installs orjson; without it answers fall back to the standard library's encoder
+    import orjson
+except ImportError:  # pragma: no cover - exercised by the fallback test through monkeypatching
+    orjson = None  # type: ignore[assignment]
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 PADDLEX_PREFIX = "/shitu-"
 #: Routes that answer without the API key (a load balancer's probes).
@@ -46,7 +51,8 @@ OPEN_ROUTES = frozenset({"/healthz", "/readyz"})
 
 @dataclass
 class ServeSettings:
-    """Everything ``shitu serve`` can set. ``model`` is a bundle folder or a registered model name."""
+    """Everything ``shitu serve`` can set. ``model`` is a bundle folder or a registered model name;
+    ``backend``/``precision``/``calibration`` where its forward pass runs (see :mod:`shitu.export.backends`)."""
 
     model: str | os.PathLike[str]
     index: Path | None = None
@@ -54,6 +60,9 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     input_size: int | None = None
+    backend: str = "jax"
+    precision: str = "fp32"
+    calibration: Any = None  # int8: a shitu.export.quantize.CalibrationSet, or what calibration_set accepts
     max_batch: int = 32
     max_wait_ms: float = 5.0
     max_images: int = 64
@@ -79,6 +88,39 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.field = field
+
+
+# -- JSON answers ------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """What the standard library's encoder writes for a numpy value."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def encode_json(content: Any) -> bytes:
+    """``content`` as compact UTF-8 JSON. numpy arrays and scalars are written directly (orjson: a float32
+    as the shortest text that reads back as the same float32, so ``np.float32(json.loads(...))`` gives the
+    very values that were sent); without orjson, through ``tolist()`` and :mod:`json`."""
+    if orjson is not None:
+        if isinstance(content, dict):
+            content = {k: np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v for k, v in content.items()}
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    import json
+
+    return json.dumps(content, default=_plain, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+class FastJSONResponse(Response):
+    """A JSON answer encoded by :func:`encode_json` (routes return it directly, so FastAPI's
+    ``jsonable_encoder`` never walks a large feature matrix)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return encode_json(content)
 
 
 # -- request and response schemas ----------------------------------------------------------------------------
@@ -208,7 +250,13 @@ class Service:
         from shitu.serve.batching import warm_up
 
         settings = self.settings
-        recognizer = resolve_model(settings.model, input_size=settings.input_size)
+        recognizer = resolve_model(
+            settings.model,
+            input_size=settings.input_size,
+            backend=settings.backend,
+            precision=settings.precision,
+            calibration=settings.calibration,
+        )
         recognizer.max_pixels = settings.max_pixels
         warm_up(recognizer.embed_arrays, recognizer.embedder.buckets, recognizer.input_size, settings.max_batch)
         store = GalleryStore(settings.resolved_state_dir(), recognizer.describe(), compact_every=settings.compact_every)
@@ -231,6 +279,7 @@ class Service:
             self.recognizer.embed_arrays,
             max_batch=self.settings.max_batch,
             max_wait=self.settings.max_wait_ms / 1000.0,
+            sizes=getattr(self.recognizer.forward, "buckets", None),  # JAX pads to these; ONNX/OpenVINO do not
             on_batch=self._on_batch,
             on_queue=self.metrics.queue_depth.set,
         )
@@ -250,6 +299,12 @@ class Service:
             self.store.close()  # folds the journals into the indexes
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.io_pool.shutdown(wait=True)
+
+    def backend_choice(self) -> Any:
+        """The :class:`~shitu.export.backends.BackendChoice` the model embeds with (JAX fp32 by default)."""
+        from shitu.export.backends import BackendChoice
+
+        return self.recognizer.backend or BackendChoice()
 
     # -- helpers for the routes --------------------------------------------------------------------------
     def require_ready(self) -> None:
@@ -277,7 +332,11 @@ class Service:
             header, comma, payload = payload.partition(",")
             if not comma or not header.endswith(";base64"):
                 raise ApiError(422, "a data: URL must be Base64 ('data:image/...;base64,...')", field_name)
-        try:
+        try:  # one pass in C over the usual, unbroken Base64 text
+            return binascii.a2b_base64(payload, strict_mode=True)
+        except (binascii.Error, ValueError):
+            pass
+        try:  # line-wrapped Base64 (whitespace between the characters) is accepted too
             return base64.b64decode("".join(payload.split()), validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(422, "not Base64 image data (file paths are not accepted)", field_name) from None
@@ -335,7 +394,7 @@ class Service:
         return results  # type: ignore[return-value]
 
     async def embed(self, decoded: list[Decoded]) -> np.ndarray:
-        return await self.batcher.embed(np.stack([item.array for item in decoded]))
+        return await self.batcher.embed([item.array for item in decoded])  # stacked in the model thread
 
     def count(self, gallery: Any) -> None:
         self.metrics.index_size.labels(gallery.name).set(len(gallery))
@@ -462,6 +521,52 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class Observe:
+    """ASGI middleware: the API key check and the request metrics. A plain ASGI wrapper: Starlette's
+    ``@app.middleware("http")`` would run every request through an extra task and memory streams."""
+
+    def __init__(self, app: Any, service: Service, api_key: str | None) -> None:
+        self.app = app
+        self.service = service
+        self.api_key = api_key.encode() if api_key is not None else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what an exception that escapes the app becomes
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key is not None and scope["path"] not in OPEN_ROUTES and not self._authorised(scope):
+                document = _error_document(scope["path"], 401, "missing or wrong API key", "authorization")
+                await JSONResponse(document, 401)(scope, receive, sending)
+            else:
+                await self.app(scope, receive, sending)
+        finally:
+            name = getattr(scope.get("route"), "path", "unmatched")
+            metrics = self.service.metrics
+            metrics.requests.labels(name, scope["method"], str(status)).inc()
+            metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+    def _authorised(self, scope: dict[str, Any]) -> bool:
+        from starlette.datastructures import Headers
+
+        assert self.api_key is not None
+        headers = Headers(scope=scope)
+        given = headers.get("x-api-key") or ""
+        bearer = headers.get("authorization", "")
+        if bearer.lower().startswith("bearer "):
+            given = given or bearer[7:].strip()
+        return hmac.compare_digest(given.encode(), self.api_key)
+
+
 def _error_document(path: str, status: int, message: str, field_name: str | None) -> dict[str, Any]:
     """An error body: PaddleX's envelope on its routes, ``{"error": {...}}`` on the others."""
     if path.startswith(PADDLEX_PREFIX):
@@ -505,6 +610,7 @@ def create_app(settings: ServeSettings, *, service: Service | None = None) -> Fa
         version=__version__,
         description="Image recognition by feature extraction: embed, search, and a live gallery.",
         lifespan=lifespan,
+        default_response_class=FastJSONResponse,
     )
     app.state.service = service
 
@@ -532,28 +638,7 @@ def create_app(settings: ServeSettings, *, service: Service | None = None) -> Fa
         sys.stderr.write(f"error: {request.url.path}: {type(exc).__name__}: {exc}\n")
         return JSONResponse(_error_document(request.url.path, 500, "internal error", None), 500)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        if settings.api_key is not None and request.url.path not in OPEN_ROUTES and not _authorised(request):
-            response: Response = JSONResponse(
-                _error_document(request.url.path, 401, "missing or wrong API key", "authorization"), 401
-            )
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        service.metrics.requests.labels(name, request.method, str(response.status_code)).inc()
-        service.metrics.latency.labels(name).observe(time.perf_counter() - started)
-        return response
-
-    def _authorised(request: Request) -> bool:
-        given = request.headers.get("x-api-key") or ""
-        bearer = request.headers.get("authorization", "")
-        if bearer.lower().startswith("bearer "):
-            given = given or bearer[7:].strip()
-        return hmac.compare_digest(given.encode(), str(settings.api_key).encode())
-
+    app.add_middleware(Observe, service=service, api_key=settings.api_key)
     _add_probe_routes(app, service)
     _add_paddlex_routes(app, service)
     _add_native_routes(app, service)
@@ -670,21 +755,23 @@ GalleryQuery = Annotated[
 
 def _add_native_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/embed", tags=["v1"], openapi_extra=_json_schema_body(EmbedRequest, True))
-    async def embed(request: Request) -> dict[str, Any]:
+    async def embed(request: Request) -> FastJSONResponse:
         """Unit-length features of one or many images (JSON with Base64 strings, or multipart files)."""
         service.require_ready()
         _, images = await read_body(request, EmbedRequest, service)
         decoded = await service.decode(images, "images")
         features = await service.embed(decoded)
-        return {
-            "model": service.recognizer.name,
-            "dim": int(features.shape[1]),
-            "features": features.tolist(),
-            "sha256": [d.sha256 for d in decoded],
-        }
+        return FastJSONResponse(
+            {
+                "model": service.recognizer.name,
+                "dim": int(features.shape[1]),
+                "features": features,
+                "sha256": [d.sha256 for d in decoded],
+            }
+        )
 
     @app.post("/v1/search", tags=["v1"], openapi_extra=_json_schema_body(SearchRequest, True))
-    async def search(request: Request, gallery: GalleryQuery = None) -> dict[str, Any]:
+    async def search(request: Request, gallery: GalleryQuery = None) -> FastJSONResponse:
         """The k best matches of each image (score ≥ min_score, optionally only some labels), and the
         label they vote for (null: nothing matched, the image is unknown)."""
         service.require_ready()
@@ -694,10 +781,12 @@ def _add_native_routes(app: FastAPI, service: Service) -> None:
         features = await service.embed(decoded)
         min_score = body.min_score if body.min_score is not None else service.settings.default_min_score
         found = await service.run_blocking(target.search, features, k=body.k, min_score=min_score, labels=body.labels)
-        return {
-            "gallery": target.name,
-            "results": [{"matches": [m.to_json() for m in row], "decision": _decision(row)} for row in found],
-        }
+        return FastJSONResponse(
+            {
+                "gallery": target.name,
+                "results": [{"matches": [m.to_json() for m in row], "decision": _decision(row)} for row in found],
+            }
+        )
 
     @app.post("/v1/items", tags=["v1"], openapi_extra=_json_schema_body(AddRequest, True))
     async def add_items(request: Request, gallery: GalleryQuery = None) -> dict[str, Any]:
@@ -790,6 +879,7 @@ def _add_native_routes(app: FastAPI, service: Service) -> None:
         target = service.gallery(gallery)
         info = target.info()
         info["model"] = service.recognizer.describe()
+        info["backend"] = service.backend_choice().to_json()
         return info
 
     @app.get("/v1/galleries", tags=["v1"])
@@ -811,8 +901,16 @@ def run(settings: ServeSettings) -> None:
         )
     service = Service(settings)
     app = create_app(settings, service=service)
+    loop, http = server_implementations()
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="warning", access_log=False, lifespan="on"
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop=loop,
+        http=http,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
     )
     server = uvicorn.Server(config)
     failures: list[str] = []
@@ -829,11 +927,25 @@ def run(settings: ServeSettings) -> None:
         raise ShituError(failures[0])
 
 
+def server_implementations() -> tuple[str, str]:
+    """uvicorn's event loop and HTTP parser: uvloop and httptools (C; the serve extra installs them) where
+    they import, else asyncio and h11 (pure Python, slower per request)."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") is not None and sys.platform != "win32" else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    return loop, http
+
+
 def _announce(service: Service, settings: ServeSettings) -> None:
     """One stderr line once the service is ready (what a person or a script waits for)."""
     while not service.ready and service.failure is None:
         time.sleep(0.05)
     if service.ready:
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        sys.stderr.write(f"shitu serve: ready on http://{host}:{settings.port} (docs at /docs)\n")
+        loop, http = server_implementations()
+        sys.stderr.write(
+            f"shitu serve: ready on http://{host}:{settings.port} (docs at /docs; model on "
+            f"{service.backend_choice().describe()}; {loop} + {http})\n"
+        )
         sys.stderr.flush()
