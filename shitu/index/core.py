@@ -129,8 +129,16 @@ def _as_matrix(features: Any, dim: int | None, *, what: str) -> np.ndarray:
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero). Cosine does not care, but i8 storage needs [-1, 1]."""
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))[:, None]
     return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+
+
+def _as_float32(matrix: np.ndarray) -> np.ndarray:
+    """A float16 array as float32, exactly. numkong (usearch's own SIMD kernels) converts several times faster
+    than numpy, whose float16 conversion dominated a re-scored single-query search."""
+    import numkong
+
+    return np.asarray(numkong.astype(np.ascontiguousarray(matrix), "float32"))
 
 
 def _recognizer_mismatch(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:
@@ -172,9 +180,11 @@ def _graph_rows(matrix: np.ndarray, dtype: str) -> np.ndarray:
     components only a few levels; the scale is free because cosine ignores length); float32 otherwise."""
     if dtype != "i8":
         return matrix
+    import numkong
+
     peak = np.abs(matrix).max(axis=1, keepdims=True)
     scaled = np.divide(matrix * np.float32(127.0), peak, out=np.zeros_like(matrix), where=peak > 0)
-    return np.rint(scaled).astype(np.int8)
+    return np.asarray(numkong.astype(scaled, "int8"))  # rounds half to even, like np.rint
 
 
 class RetrievalIndex:
@@ -219,6 +229,18 @@ class RetrievalIndex:
     @property
     def metric(self) -> str:
         return str(self._info["metric"])
+
+    @property
+    def expansion_search(self) -> int:
+        """The HNSW search breadth (ef): candidates the graph walk keeps; larger is slower and finds more."""
+        return int(self._index.expansion_search)
+
+    @expansion_search.setter
+    def expansion_search(self, value: int) -> None:
+        if not 0 < int(value) < 2**31:
+            raise ShituError(f"expansion_search must be a positive integer below 2**31, got {value}")
+        self._index.expansion_search = int(value)
+        self._info["expansion_search"] = int(value)
 
     @property
     def rescore(self) -> int:
@@ -270,23 +292,27 @@ class RetrievalIndex:
             keys, scores, counts = self._exact_search(queries, min(k, len(self)))
         else:
             wanted = min(max(k, self.rescore) if self._vectors is not None else k, len(self))
-            matches = self._index.search(_graph_rows(queries, self.dtype), wanted, exact=exact)
+            # One query: on this thread (usearch's thread pool costs more than it gains for a single walk).
+            threads = 1 if len(queries) == 1 else 0
+            matches = self._index.search(_graph_rows(queries, self.dtype), wanted, exact=exact, threads=threads)
             # usearch answers one query with 1-D arrays and several with 2-D ones: make both 2-D.
-            keys = np.atleast_2d(np.asarray(matches.keys))
-            scores = np.float32(1.0) - np.atleast_2d(np.asarray(matches.distances, dtype=np.float32))  # cosine
-            counts = np.atleast_1d(np.asarray(matches.counts if hasattr(matches, "counts") else [keys.shape[1]]))
+            keys = np.atleast_2d(matches.keys)
+            counts = np.atleast_1d(matches.counts if hasattr(matches, "counts") else keys.shape[1])
             if self._vectors is not None:
                 keys, scores, counts = self._rescored(queries, keys, counts, k)
+            else:
+                scores = np.float32(1.0) - np.atleast_2d(matches.distances).astype(np.float32)  # cosine
         results: list[list[Hit]] = []
+        items = self._items
         for row in range(len(queries)):
             hits = []
             found = zip(keys[row, : counts[row]].tolist(), scores[row, : counts[row]].tolist(), strict=True)
             for key, score in found:
-                item = self._items.get(int(key))
+                item = items.get(key)
                 if item is not None:  # never happens for a consistent index; skip rather than invent
-                    hits.append(Hit(item.key, item.label, item.path, float(score)))
+                    hits.append(Hit(item.key, item.label, item.path, score))
             hits.sort(key=lambda hit: (-hit.score, hit.key))
-            results.append(hits[:k])
+            results.append(hits)
         return results
 
     def _rescored(
@@ -295,10 +321,15 @@ class RetrievalIndex:
         """The graph's candidates ``keys`` [B, C] (the first ``counts`` of each row valid) ordered by their
         cosine with the float16 vectors; the best ``k`` of each row, scores as float32."""
         assert self._vectors is not None
+        if len(queries) == 1:  # the common single query, in fewer numpy calls than the batch path below
+            found = keys[0, : counts[0]]
+            scores = _as_float32(self._vectors[np.searchsorted(self._row_keys, found)]) @ queries[0]
+            order = np.argsort(-scores, kind="stable")[:k]
+            return found[order][None, :], scores[order][None, :], np.array([len(order)])
         valid = np.arange(keys.shape[1])[None, :] < counts[:, None]
         rows = np.searchsorted(self._row_keys, np.where(valid, keys, self._row_keys[0]).astype(np.uint64))
         rows = np.minimum(rows, len(self._row_keys) - 1)
-        candidates = self._vectors[rows].astype(np.float32)  # [B, C, D]
+        candidates = _as_float32(self._vectors[rows])  # [B, C, D]
         scores = np.einsum("bcd,bd->bc", candidates, queries)
         scores = np.where(valid, scores, -np.inf).astype(np.float32)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -311,7 +342,7 @@ class RetrievalIndex:
         best_scores = np.full((len(queries), 0), -np.inf, np.float32)
         best_rows = np.zeros((len(queries), 0), np.int64)
         for start in range(0, len(self._vectors), block):
-            scores = queries @ self._vectors[start : start + block].astype(np.float32).T
+            scores = queries @ _as_float32(self._vectors[start : start + block]).T
             take = min(k, scores.shape[1])
             part = np.argpartition(-scores, take - 1, axis=1)[:, :take]
             best_scores = np.concatenate([best_scores, np.take_along_axis(scores, part, 1)], axis=1)
@@ -362,7 +393,7 @@ class RetrievalIndex:
         if not items:
             return items, np.zeros((0, self.dim), np.float32)
         if self._vectors is not None:  # the float16 copy is closer to what was added than the graph's
-            return items, np.ascontiguousarray(self._vectors, dtype=np.float32)
+            return items, _as_float32(self._vectors)
         keys = np.asarray([item.key for item in items], dtype=np.uint64)
         rows = self._index.get(keys, dtype=np.float32)
         matrix = np.ascontiguousarray(np.vstack(rows).reshape(len(items), self.dim), dtype=np.float32)
