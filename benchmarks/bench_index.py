@@ -258,12 +258,12 @@ def shitu_contender(
     dtype, *options = spec.split(":")
     settings = dict(option.split("=", 1) for option in options)
     rescore = int(settings["rescore"]) if "rescore" in settings else None
-    expansion_add = int(settings.get("ef_add", args.expansion_add))
+    expansion_add = int(settings["ef_add"]) if "ef_add" in settings else None  # None: shitu's default
     connectivity = int(settings.get("m", args.connectivity))
     n = len(gallery)
     labels = (np.arange(n) // PER_CLUSTER).tolist()
     paths = [f"images/{i}.jpg" for i in range(n)]
-    log(f"shitu {spec}: building {n:,} (M={connectivity}, ef_add={expansion_add})")
+    log(f"shitu {spec}: building {n:,} (M={connectivity}, ef_add={expansion_add or 'default'})")
     built, build_s, build_cpu = timed(
         lambda: build_index(
             gallery,
@@ -293,7 +293,7 @@ def shitu_contender(
     contender = Contender(
         "shitu",
         f"{index.dtype}" + (f" + re-score {index.rescore} (f16)" if index.rescore else ""),
-        f"M={connectivity}, ef_add={expansion_add}",
+        f"M={connectivity}, ef_add={index.info['expansion_add']}",
         lambda ef: setattr(index, "expansion_search", ef),
         lambda q, k: np.asarray([[hit.key for hit in row] for row in index.search(q, k)], dtype=np.int64),
         lambda threads: None,  # usearch: threads=0, every core for a batch; one query runs on one thread
@@ -406,7 +406,6 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1_000)
     parser.add_argument("--shitu", nargs="*", default=["auto", "f32"], help="shitu storages (see shitu_contender)")
     parser.add_argument("--connectivity", type=int, default=16, help="HNSW M of shitu's indexes")
-    parser.add_argument("--expansion-add", type=int, default=64, help="efConstruction of shitu's indexes")
     parser.add_argument("--faiss-m", type=int, default=32, help="faiss HNSW M")
     parser.add_argument("--faiss-ef-construction", type=int, default=40, help="faiss efConstruction")
     parser.add_argument("--ef", type=int, nargs="+", default=[16, 24, 32, 48, 64, 96, 128], help="efSearch values")
