@@ -283,9 +283,11 @@ class RetrievalIndex:
     # -- search -------------------------------------------------------------------------------------
     def search(self, features: Any, k: int = 5, exact: bool = False) -> list[list[Hit]]:
         """The ``k`` nearest stored items of each query row, best first: one list per row (also for a
-        single 1-D vector, which counts as one row). ``exact`` compares with every stored vector (brute
-        force through usearch, in the storage dtype) instead of walking the HNSW graph. Lists are shorter
-        than ``k`` when the index holds fewer items. Equal scores are ordered by key."""
+        single 1-D vector, which counts as one row). With re-scoring the graph's best max(k, rescore)
+        candidates are ordered by their cosine with the float16 vectors. ``exact`` compares with every stored
+        vector instead of walking the HNSW graph (numpy over the float16 vectors with re-scoring, else
+        usearch's brute force in the graph's dtype). Lists are shorter than ``k`` when the index holds fewer
+        items. Equal scores are ordered by key."""
         if k < 1:
             raise ShituError(f"k must be at least 1, got {k}")
         queries = _unit_rows(_as_matrix(features, self.dim, what="query features"))
