@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Vector search for retrieval: usearch HNSW (what ``shitu.index`` uses) against faiss-cpu HNSW and flat.
+"""Vector search for retrieval: ``shitu.index``'s storage settings (usearch HNSW) against faiss-cpu HNSW.
 
 The data: ``--n`` (default 1,000,000) unit vectors of 512 dimensions, clustered like embeddings of many
 products: ``n / 100`` cluster centres (random unit vectors), each vector = its centre + a variation drawn
@@ -8,20 +8,28 @@ from the same process, so each has a well-defined nearest gallery vector in its 
 between the best and the second-best cosine ≈ 0.013), which makes recall meaningful. Ground truth is exact
 cosine top-10 by numpy (blocked matrix products).
 
-Measured:
+Measured, all on the same vectors in one run (``--n``, default 1,000,000):
 
-1. usearch at ``--n`` (f32, cosine, ``--connectivity`` / ``--expansion-add``): build time; for every
-   ``--ef`` value, batch-1,000 QPS (2 threads) and recall@1 / recall@10 against exact search; at the smallest
-   ef reaching recall@1 ≥ ``--target``, batch-1 QPS (one query per call, one thread). Also usearch's own
-   brute-force search (``exact=True``) and ``shitu.index``: save, open (with checksums), wrapper search.
-2. faiss IndexFlatIP (exact) at ``--n``: add time and QPS at batch 1 and 1,000.
-3. faiss IndexHNSWFlat (inner product on unit vectors = cosine) and usearch with the same M / efConstruction
-   at ``--faiss-n`` (default 100,000: an HNSW build is slow on a shared 2-core machine): the same figures.
+1. faiss IndexHNSWFlat (inner product on unit vectors = cosine) with M and efConstruction as faiss users set
+   them (``--faiss-m`` 32, ``--faiss-ef-construction`` 40, faiss's default), built on ``--threads`` threads.
+2. ``shitu.index`` with each storage of ``--shitu`` (default ``auto`` and ``f32``; ``DTYPE[:rescore=N]
+   [:ef_add=E][:m=M]``): built by ``build_index`` (usearch adds on every core), saved, dropped and opened again
+   from disk (checksums verified; re-scoring vectors memory-mapped), searched through ``RetrievalIndex.search``
+   (so the numbers include the wrapper: normalising queries, re-scoring, building ``Hit`` objects).
+
+Per setting: build wall s and CPU s (CPU ÷ wall = cores used), memory (faiss: resident growth during the
+build; shitu: resident growth from opening the index to the end of the ef sweep, i.e. what a search process
+holds, mapped float16 pages touched so far included) and the saved files' size; for every ``--ef`` up to the
+smallest reaching recall@1 ≥ ``--target``: recall@1 / recall@10 against exact cosine top-10 (numpy, blocked) and
+batch-1,000 QPS. At the chosen ef, batch-1,000 QPS (``--threads`` threads: faiss OpenMP, usearch's pool) and
+batch-1 QPS (one query per call, one thread: faiss ``omp_set_num_threads(1)``, shitu searches a single query on
+the calling thread) are measured again in ``--rounds`` interleaved rounds and the best round is kept, since the
+machine is shared and its load changes from minute to minute. ``--flat`` adds faiss IndexFlatIP (exact).
 
 Usage (from the repository root; faiss is a benchmark-only dependency)::
 
     .venv/bin/pip install faiss-cpu
-    .venv/bin/python benchmarks/bench_index.py [--n 1000000] [--faiss-n 100000] [--json OUT.json]
+    .venv/bin/python benchmarks/bench_index.py [--n 1000000] [--json OUT.json]
 
 A markdown table goes to stdout; progress to stderr. CPU time is the process's user + system time, so
 CPU s ÷ wall s shows how many cores the step actually got on a shared machine.
