@@ -158,8 +158,9 @@ def choose_storage(dtype: str, rescore: int | None, count: int) -> tuple[str, in
 
     The rule of ``auto``: under :data:`AUTO_COMPACT_FROM` vectors f32 without re-scoring (a 512-dim f32
     graph of 100,000 vectors takes about 0.2 GiB); from there i8 with :data:`DEFAULT_RESCORE` candidates
-    re-scored against float16 vectors (about 0.8 GiB at 1M instead of 2.2 GiB, faster search at the same
-    recall). An explicit dtype keeps its choice: re-scoring defaults to on for i8 and bf16, off otherwise.
+    re-scored against float16 vectors (at 1M × 512: 1.6 GiB of files instead of 2.1 GiB, 2× faster to build and
+    1.2-1.4× faster to search than f32 at the same recall; benchmarks/RESULTS.md). An explicit dtype keeps its
+    choice: re-scoring defaults to on for i8 and bf16, off otherwise.
     """
     if dtype not in STORAGES:
         raise ShituError(f"unknown index dtype {dtype!r} (choose one of {', '.join(STORAGES)})")
