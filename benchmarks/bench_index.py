@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Vector search for retrieval: usearch HNSW (what ``shitu.index`` uses) against faiss-cpu HNSW and flat.
+"""Vector search for retrieval: ``shitu.index``'s storage settings (usearch HNSW) against faiss-cpu HNSW.
 
 The data: ``--n`` (default 1,000,000) unit vectors of 512 dimensions, clustered like embeddings of many
 products: ``n / 100`` cluster centres (random unit vectors), each vector = its centre + a variation drawn
@@ -8,20 +8,28 @@ from the same process, so each has a well-defined nearest gallery vector in its 
 between the best and the second-best cosine ≈ 0.013), which makes recall meaningful. Ground truth is exact
 cosine top-10 by numpy (blocked matrix products).
 
-Measured:
+Measured, all on the same vectors in one run (``--n``, default 1,000,000):
 
-1. usearch at ``--n`` (f32, cosine, ``--connectivity`` / ``--expansion-add``): build time; for every
-   ``--ef`` value, batch-1,000 QPS (2 threads) and recall@1 / recall@10 against exact search; at the smallest
-   ef reaching recall@1 ≥ ``--target``, batch-1 QPS (one query per call, one thread). Also usearch's own
-   brute-force search (``exact=True``) and ``shitu.index``: save, open (with checksums), wrapper search.
-2. faiss IndexFlatIP (exact) at ``--n``: add time and QPS at batch 1 and 1,000.
-3. faiss IndexHNSWFlat (inner product on unit vectors = cosine) and usearch with the same M / efConstruction
-   at ``--faiss-n`` (default 100,000: an HNSW build is slow on a shared 2-core machine): the same figures.
+1. faiss IndexHNSWFlat (inner product on unit vectors = cosine) with M and efConstruction as faiss users set
+   them (``--faiss-m`` 32, ``--faiss-ef-construction`` 40, faiss's default), built on ``--threads`` threads.
+2. ``shitu.index`` with each storage of ``--shitu`` (default ``auto`` and ``f32``; ``DTYPE[:rescore=N]
+   [:ef_add=E][:m=M]``): built by ``build_index`` (usearch adds on every core), saved, dropped and opened again
+   from disk (checksums verified; re-scoring vectors memory-mapped), searched through ``RetrievalIndex.search``
+   (so the numbers include the wrapper: normalising queries, re-scoring, building ``Hit`` objects).
+
+Per setting: build wall s and CPU s (CPU ÷ wall = cores used), memory (faiss: resident growth during the
+build; shitu: resident growth from opening the index to the end of the ef sweep, i.e. what a search process
+holds, mapped float16 pages touched so far included) and the saved files' size; for every ``--ef`` up to the
+smallest reaching recall@1 ≥ ``--target``: recall@1 / recall@10 against exact cosine top-10 (numpy, blocked) and
+batch-1,000 QPS. At the chosen ef, batch-1,000 QPS (``--threads`` threads: faiss OpenMP, usearch's pool) and
+batch-1 QPS (one query per call, one thread: faiss ``omp_set_num_threads(1)``, shitu searches a single query on
+the calling thread) are measured again in ``--rounds`` interleaved rounds and the best round is kept, since the
+machine is shared and its load changes from minute to minute. ``--flat`` adds faiss IndexFlatIP (exact).
 
 Usage (from the repository root; faiss is a benchmark-only dependency)::
 
     .venv/bin/pip install faiss-cpu
-    .venv/bin/python benchmarks/bench_index.py [--n 1000000] [--faiss-n 100000] [--json OUT.json]
+    .venv/bin/python benchmarks/bench_index.py [--n 1000000] [--json OUT.json]
 
 A markdown table goes to stdout; progress to stderr. CPU time is the process's user + system time, so
 CPU s ÷ wall s shows how many cores the step actually got on a shared machine.
@@ -146,6 +154,14 @@ def recalls(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 # -- measurements -------------------------------------------------------------------------------------------------
 
 
+def rss_bytes() -> int:
+    """The process's resident memory now (/proc/self/statm; 0 where there is none)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
 @dataclass
 class Row:
     library: str
@@ -154,6 +170,8 @@ class Row:
     params: str
     build_s: float | None = None
     build_cpu_s: float | None = None
+    memory_gib: float | None = None
+    files_gib: float | None = None
     qps_batch1000: float | None = None
     qps_batch1: float | None = None
     recall1: float | None = None
@@ -182,88 +200,167 @@ def batch1_qps(search_one: Callable[[np.ndarray], Any], queries: np.ndarray, sec
     return done / (time.perf_counter() - start)
 
 
-def bench_usearch(
-    report: Report,
-    gallery: np.ndarray,
-    queries: np.ndarray,
-    truth: np.ndarray,
-    args: argparse.Namespace,
-    *,
-    full: bool,
-) -> Any:
-    from usearch.index import Index
+@dataclass
+class Contender:
+    """One index under test: how to search it at a given ef, and what its build cost."""
 
+    library: str
+    name: str
+    params: str
+    set_ef: Callable[[int], None]
+    search: Callable[[np.ndarray, int], np.ndarray]  # queries [B, D], k -> ids [B, k]
+    batch_threads: Callable[[int], None]  # threads for the next searches
+    build_s: float
+    build_cpu_s: float
+    memory_gib: float
+    files_gib: float | None = None
+    note: str = ""
+    ef: int | None = None
+    rows: list[Row] = field(default_factory=list)
+    n: int = 0
+    rss_before: int | None = None  # shitu: resident bytes before opening the index (memory = growth after sweep)
+
+
+def faiss_contender(gallery: np.ndarray, args: argparse.Namespace) -> Contender:
+    """faiss IndexHNSWFlat (inner product on unit vectors = cosine), M and efConstruction as faiss users set them
+    (``--faiss-m`` 32, ``--faiss-ef-construction`` 40: faiss's default efConstruction)."""
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
     n = len(gallery)
-    index = Index(ndim=DIM, metric="cos", dtype="f32", connectivity=args.connectivity, expansion_add=args.expansion_add)
-    log(f"usearch: building HNSW of {n:,} (M={args.connectivity}, ef_add={args.expansion_add})")
-    _, build_s, build_cpu = timed(lambda: index.add(np.arange(n, dtype=np.uint64), gallery, threads=args.threads))
-    log(f"usearch: built in {build_s:.1f} s ({n / build_s:,.0f} vectors/s, {build_cpu:.0f} CPU s)")
-    chosen = None
+    before = rss_bytes()
+    index = faiss.IndexHNSWFlat(DIM, args.faiss_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = args.faiss_ef_construction
+    log(f"faiss: building HNSW of {n:,} (M={args.faiss_m}, efConstruction={args.faiss_ef_construction})")
+    _, build_s, build_cpu = timed(lambda: index.add(gallery))
+    memory = (rss_bytes() - before) / 2**30
+    log(f"faiss: built in {build_s:.1f} s ({build_cpu:.0f} CPU s), resident +{memory:.2f} GiB")
+
+    def set_ef(ef: int) -> None:
+        index.hnsw.efSearch = ef
+
+    return Contender(
+        "faiss-cpu",
+        "IndexHNSWFlat f32",
+        f"M={args.faiss_m}, efC={args.faiss_ef_construction}",
+        set_ef,
+        lambda q, k: index.search(q, k)[1],
+        faiss.omp_set_num_threads,
+        build_s,
+        build_cpu,
+        memory,
+        n=n,
+    )
+
+
+def shitu_contender(
+    gallery: np.ndarray, spec: str, args: argparse.Namespace, folder: Path, report: Report
+) -> Contender:
+    """``shitu.index`` with the storage ``spec`` (``DTYPE[:rescore=N][:ef_add=E][:m=M]``, DTYPE auto, f32, f16,
+    bf16 or i8): built in memory, saved, dropped, and opened again from disk (re-scoring vectors memory-mapped),
+    as a service would; the memory is the resident growth from opening it and answering the ef sweep."""
+    import gc
+
+    from shitu.index import build_index, open_index
+
+    dtype, *options = spec.split(":")
+    settings = dict(option.split("=", 1) for option in options)
+    rescore = int(settings["rescore"]) if "rescore" in settings else None
+    expansion_add = int(settings["ef_add"]) if "ef_add" in settings else None  # None: shitu's default
+    connectivity = int(settings.get("m", args.connectivity))
+    n = len(gallery)
+    labels = (np.arange(n) // PER_CLUSTER).tolist()
+    paths = [f"images/{i}.jpg" for i in range(n)]
+    log(f"shitu {spec}: building {n:,} (M={connectivity}, ef_add={expansion_add or 'default'})")
+    built, build_s, build_cpu = timed(
+        lambda: build_index(
+            gallery,
+            labels,
+            paths,
+            output=None,
+            recognizer_info={"model": "synthetic", "embedding_size": DIM},
+            dtype=dtype,
+            rescore=rescore,
+            connectivity=connectivity,
+            expansion_add=expansion_add,
+        )
+    )
+    storage = built.info["storage"]
+    log(f"shitu {spec}: built in {build_s:.1f} s ({build_cpu:.0f} CPU s): {storage}")
+    target = folder / spec.replace(":", "_").replace("=", "")
+    started = time.perf_counter()
+    built.save(target)
+    save_s = time.perf_counter() - started
+    files = sum(p.stat().st_size for p in target.iterdir()) / 2**30
+    del built
+    gc.collect()
+    before = rss_bytes()
+    index, open_s, _ = timed(lambda: open_index(target))
+    log(f"shitu {spec}: saved {files:.2f} GiB in {save_s:.1f} s, opened (checksums verified) in {open_s:.1f} s")
+    report.extra.setdefault("shitu_open_s", {})[spec] = round(open_s, 1)
+    contender = Contender(
+        "shitu",
+        f"{index.dtype}" + (f" + re-score {index.rescore} (f16)" if index.rescore else ""),
+        f"M={connectivity}, ef_add={index.info['expansion_add']}",
+        lambda ef: setattr(index, "expansion_search", ef),
+        lambda q, k: np.asarray([[hit.key for hit in row] for row in index.search(q, k)], dtype=np.int64),
+        lambda threads: None,  # usearch: threads=0, every core for a batch; one query runs on one thread
+        build_s,
+        build_cpu,
+        0.0,
+        files,
+        note=f"--dtype {spec}" if dtype == "auto" else "",
+        n=n,
+    )
+    contender.rss_before = before
+    return contender
+
+
+def sweep(contender: Contender, queries: np.ndarray, truth: np.ndarray, args: argparse.Namespace) -> None:
+    """recall@1/@10 and batch-1,000 QPS for every ``--ef``; the smallest ef reaching ``--target`` is kept."""
+    contender.batch_threads(args.threads)
     for ef in args.ef:
-        index.expansion_search = ef
-        matches, wall, _ = timed(lambda: index.search(queries, 10, threads=args.threads))
-        r1, r10 = recalls(np.asarray(matches.keys, dtype=np.int64), truth)
-        row = Row("usearch", "HNSW f32", n, f"M={args.connectivity}, ef_add={args.expansion_add}, ef={ef}")
+        contender.set_ef(ef)
+        found, wall, _ = timed(lambda: contender.search(queries, 10))
+        r1, r10 = recalls(found, truth)
+        row = Row(contender.library, contender.name, contender.n, f"{contender.params}, ef={ef}")
         row.qps_batch1000, row.recall1, row.recall10 = len(queries) / wall, r1, r10
-        if ef == args.ef[0]:
-            row.build_s, row.build_cpu_s = build_s, build_cpu
-        report.rows.append(row)
-        log(f"usearch: ef={ef}: {row.qps_batch1000:,.0f} QPS at batch {len(queries)}, recall@1 {r1:.4f}, @10 {r10:.4f}")
-        if chosen is None and r1 >= args.target:
-            chosen = row
-            row.qps_batch1 = batch1_qps(lambda q: index.search(q, 10, threads=1), queries)
+        contender.rows.append(row)
+        log(f"{contender.library} {contender.name}: ef={ef}: {row.qps_batch1000:,.0f} QPS, recall@1 {r1:.4f}")
+        if r1 >= args.target:
+            contender.ef = ef
             row.note = f"smallest ef with recall@1 ≥ {args.target}"
-            log(f"usearch: ef={ef}: {row.qps_batch1:,.0f} QPS at batch 1")
-    if chosen is not None:
-        index.expansion_search = int(chosen.params.rsplit("ef=", 1)[1])
-    if full:
-        few = queries[: args.exact_queries]
-        matches, wall, _ = timed(lambda: index.search(few, 10, exact=True, threads=args.threads))
-        r1, r10 = recalls(np.asarray(matches.keys, dtype=np.int64), truth[: len(few)])
-        row = Row("usearch", "brute force f32 (exact=True)", n, "", recall1=r1, recall10=r10)
-        row.qps_batch1000 = len(few) / wall
-        row.note = f"batch of {len(few)} queries"
-        report.rows.append(row)
-        log(f"usearch exact: {row.qps_batch1000:,.1f} QPS, recall@1 {r1:.4f}")
-    return index
+            break
+    if contender.rss_before is not None:  # resident growth from opening to after the sweep (pages mapped so far)
+        contender.memory_gib = (rss_bytes() - contender.rss_before) / 2**30
+    first = contender.rows[0]
+    first.build_s, first.build_cpu_s = contender.build_s, contender.build_cpu_s
+    first.memory_gib, first.files_gib = contender.memory_gib, contender.files_gib
+    if contender.note:
+        first.note = (first.note + "; " if first.note else "") + contender.note
 
 
-def bench_shitu_wrapper(report: Report, index: Any, gallery_n: int, queries: np.ndarray) -> None:
-    """shitu.index on the usearch index just built: save (with checksums), open (verifying them), search."""
-    from shitu.index.core import FORMAT, FORMAT_VERSION, Item, RetrievalIndex, open_index
-
-    info = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "dim": DIM,
-        "dtype": "f32",
-        "metric": "cos",
-        "count": gallery_n,
-        "next_key": gallery_n,
-        "connectivity": int(index.connectivity),
-        "expansion_add": int(index.expansion_add),
-        "expansion_search": int(index.expansion_search),
-        "recognizer": {"model": "synthetic", "embedding_size": DIM, "input_size": 0, "bundle": None},
-    }
-    items = {key: Item(key, key // PER_CLUSTER, f"images/{key}.jpg") for key in range(gallery_n)}
-    wrapper = RetrievalIndex(index, items, info, None)
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent) as tmp:
-        folder = Path(tmp) / "index"
-        _, save_s, _ = timed(lambda: wrapper.save(folder))
-        size = sum(p.stat().st_size for p in folder.iterdir()) / 2**30
-        log(f"shitu.index: saved {size:.2f} GiB in {save_s:.1f} s")
-        reopened, open_s, _ = timed(lambda: open_index(folder))
-        log(f"shitu.index: opened (checksums verified) in {open_s:.1f} s")
-        _, wall, _ = timed(lambda: reopened.search(queries, 10))
-        one_qps = batch1_qps(lambda q: reopened.search(q, 10), queries)
-    report.extra["shitu_index"] = {
-        "save_s": save_s,
-        "open_s": open_s,
-        "size_gib": size,
-        "search_qps_batch1000": len(queries) / wall,
-        "search_qps_batch1": one_qps,
-    }
-    log(f"shitu.index: search {len(queries) / wall:,.0f} QPS at batch {len(queries)}, {one_qps:,.0f} at batch 1")
+def timed_rounds(contenders: list[Contender], queries: np.ndarray, args: argparse.Namespace) -> None:
+    """QPS at batch 1,000 (``--threads``) and batch 1 (one query per call, one thread) at each contender's
+    chosen ef, in ``--rounds`` interleaved rounds (the machine is shared: load changes), best round kept."""
+    best: dict[int, tuple[float, float]] = {}
+    for round_ in range(args.rounds):
+        for i, contender in enumerate(contenders):
+            if contender.ef is None:
+                continue
+            contender.set_ef(contender.ef)
+            contender.batch_threads(args.threads)
+            _, wall, _ = timed(lambda c=contender: c.search(queries, 10))
+            contender.batch_threads(1)
+            one = batch1_qps(lambda q, c=contender: c.search(q[None, :], 10), queries, seconds=args.batch1_seconds)
+            contender.batch_threads(args.threads)
+            many = len(queries) / wall
+            previous = best.get(i, (0.0, 0.0))
+            best[i] = (max(previous[0], many), max(previous[1], one))
+            log(f"round {round_ + 1}: {contender.library} {contender.name}: {many:,.0f} QPS batch, {one:,.0f} batch 1")
+    for i, (many, one) in best.items():
+        chosen = contenders[i].rows[-1]
+        chosen.qps_batch1000, chosen.qps_batch1 = many, one
 
 
 def bench_faiss_flat(report: Report, gallery: np.ndarray, queries: np.ndarray, truth: np.ndarray, threads: int) -> None:
@@ -278,40 +375,10 @@ def bench_faiss_flat(report: Report, gallery: np.ndarray, queries: np.ndarray, t
     faiss.omp_set_num_threads(1)
     qps1 = batch1_qps(lambda q: index.search(q[None, :], 10), queries, seconds=10.0)
     faiss.omp_set_num_threads(threads)
-    row = Row("faiss-cpu", "IndexFlatIP (exact)", len(gallery), "", add_s, add_cpu, len(queries) / wall, qps1, r1, r10)
+    row = Row("faiss-cpu", "IndexFlatIP (exact)", len(gallery), "", add_s, add_cpu, None, None, len(queries) / wall)
+    row.qps_batch1, row.recall1, row.recall10 = qps1, r1, r10
     report.rows.append(row)
     log(f"faiss flat: {row.qps_batch1000:,.1f} QPS batch, {qps1:,.1f} QPS batch 1, recall@1 {r1:.4f}")
-
-
-def bench_faiss_hnsw(
-    report: Report, gallery: np.ndarray, queries: np.ndarray, truth: np.ndarray, args: argparse.Namespace
-) -> None:
-    import faiss
-
-    faiss.omp_set_num_threads(args.threads or 2)
-    n = len(gallery)
-    index = faiss.IndexHNSWFlat(DIM, args.connectivity, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = args.expansion_add
-    log(f"faiss: building HNSW of {n:,} (M={args.connectivity}, efConstruction={args.expansion_add})")
-    _, build_s, build_cpu = timed(lambda: index.add(gallery))
-    log(f"faiss: built in {build_s:.1f} s ({n / build_s:,.0f} vectors/s)")
-    chosen = False
-    for ef in args.ef:
-        index.hnsw.efSearch = ef
-        (_, ids), wall, _ = timed(lambda: index.search(queries, 10))
-        r1, r10 = recalls(ids, truth)
-        row = Row("faiss-cpu", "IndexHNSWFlat f32", n, f"M={args.connectivity}, efC={args.expansion_add}, ef={ef}")
-        row.qps_batch1000, row.recall1, row.recall10 = len(queries) / wall, r1, r10
-        if ef == args.ef[0]:
-            row.build_s, row.build_cpu_s = build_s, build_cpu
-        if not chosen and r1 >= args.target:
-            chosen = True
-            faiss.omp_set_num_threads(1)
-            row.qps_batch1 = batch1_qps(lambda q: index.search(q[None, :], 10), queries)
-            faiss.omp_set_num_threads(args.threads or 2)
-            row.note = f"smallest ef with recall@1 ≥ {args.target}"
-        report.rows.append(row)
-        log(f"faiss: ef={ef}: {row.qps_batch1000:,.0f} QPS, recall@1 {r1:.4f}, @10 {r10:.4f}")
 
 
 # -- output -------------------------------------------------------------------------------------------------------
@@ -319,51 +386,43 @@ def bench_faiss_hnsw(
 
 def markdown(report: Report) -> str:
     def fmt(value: Any, digits: int = 0) -> str:
-        if value is None:
-            return "—"
-        return f"{value:,.{digits}f}"
+        return "—" if value is None else f"{value:,.{digits}f}"
 
     lines = [
         f"- Machine: {report.machine}",
         f"- Started: {report.started}; arguments: {json.dumps(report.args)}",
         "",
-        "| library | index | vectors | parameters | build s (CPU s) | QPS batch 1,000 | QPS batch 1 | recall@1 | "
-        "recall@10 | note |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| library | index | vectors | parameters | build s (CPU s) | memory GiB | files GiB | QPS batch 1,000 | "
+        "QPS batch 1 | recall@1 | recall@10 | note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in report.rows:
         build = "—" if row.build_s is None else f"{row.build_s:,.1f} ({row.build_cpu_s:,.0f})"
         lines.append(
-            f"| {row.library} | {row.index} | {row.n:,} | {row.params} | {build} | {fmt(row.qps_batch1000, 1)} | "
-            f"{fmt(row.qps_batch1, 1)} | {fmt(row.recall1, 4)} | {fmt(row.recall10, 4)} | {row.note} |"
+            f"| {row.library} | {row.index} | {row.n:,} | {row.params} | {build} | {fmt(row.memory_gib, 2)} | "
+            f"{fmt(row.files_gib, 2)} | {fmt(row.qps_batch1000, 0)} | {fmt(row.qps_batch1, 0)} | "
+            f"{fmt(row.recall1, 4)} | {fmt(row.recall10, 4)} | {row.note} |"
         )
-    if "shitu_index" in report.extra:
-        s = report.extra["shitu_index"]
-        lines += [
-            "",
-            f"shitu.index on the {report.args['n']:,}-vector usearch index: save {s['save_s']:.1f} s "
-            f"({s['size_gib']:.2f} GiB), open with checksum verification {s['open_s']:.1f} s, search "
-            f"{s['search_qps_batch1000']:,.0f} QPS at batch 1,000 and {s['search_qps_batch1']:,.0f} at batch 1.",
-        ]
-    for key in ("load_before", "load_after", "data_s", "truth_s"):
-        if key in report.extra:
-            lines.append(f"- {key}: {report.extra[key]}")
+    for key, value in report.extra.items():
+        lines.append(f"- {key}: {value}")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=1_000_000, help="gallery vectors for usearch and faiss flat")
-    parser.add_argument("--faiss-n", type=int, default=100_000, help="gallery vectors for the HNSW comparison")
+    parser.add_argument("--n", type=int, default=1_000_000, help="gallery vectors")
     parser.add_argument("--queries", type=int, default=1_000)
-    parser.add_argument("--connectivity", type=int, default=16, help="HNSW M")
-    parser.add_argument("--expansion-add", type=int, default=64, help="HNSW efConstruction")
-    parser.add_argument("--ef", type=int, nargs="+", default=[16, 32, 64, 128, 256], help="efSearch values")
+    parser.add_argument("--shitu", nargs="*", default=["auto", "f32"], help="shitu storages (see shitu_contender)")
+    parser.add_argument("--connectivity", type=int, default=16, help="HNSW M of shitu's indexes")
+    parser.add_argument("--faiss-m", type=int, default=32, help="faiss HNSW M")
+    parser.add_argument("--faiss-ef-construction", type=int, default=40, help="faiss efConstruction")
+    parser.add_argument("--ef", type=int, nargs="+", default=[16, 24, 32, 48, 64, 96, 128], help="efSearch values")
     parser.add_argument("--target", type=float, default=0.99, help="recall@1 to reach")
-    parser.add_argument("--threads", type=int, default=2, help="threads for builds and batch searches")
-    parser.add_argument("--exact-queries", type=int, default=100, help="queries for usearch's brute force")
+    parser.add_argument("--threads", type=int, default=2, help="threads for faiss builds and batch searches")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved QPS rounds (best kept)")
+    parser.add_argument("--batch1-seconds", type=float, default=5.0)
     parser.add_argument("--skip-faiss", action="store_true")
-    parser.add_argument("--skip-shitu", action="store_true")
+    parser.add_argument("--flat", action="store_true", help="also faiss IndexFlatIP (exact search)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     report = Report(
@@ -371,6 +430,7 @@ def main() -> None:
         started=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     )
+    report.extra["cpu_flags"] = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "f16c"))))
     report.extra["load_before"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     log(report.machine)
 
@@ -384,23 +444,25 @@ def main() -> None:
 
     def flush() -> None:
         if args.json is not None:
-            args.json.write_text(json.dumps(asdict(report), indent=2) + "\n")
+            args.json.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
 
-    index = bench_usearch(report, gallery, queries, truth, args, full=True)
-    flush()
-    if not args.skip_shitu:
-        bench_shitu_wrapper(report, index, args.n, queries)
-        flush()
-    del index
-    if not args.skip_faiss:
-        bench_faiss_flat(report, gallery, queries, truth, args.threads)
-        flush()
-        if args.faiss_n:
-            small = np.ascontiguousarray(gallery[: args.faiss_n])
-            small_truth = exact_topk(small, queries, 10)
-            bench_usearch(report, small, queries, small_truth, args, full=False)
-            bench_faiss_hnsw(report, small, queries, small_truth, args)
+    contenders: list[Contender] = []
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent) as tmp:
+        if not args.skip_faiss:
+            contenders.append(faiss_contender(gallery, args))
+            sweep(contenders[-1], queries, truth, args)
+            report.rows.extend(contenders[-1].rows)
             flush()
+        for spec in args.shitu:
+            contenders.append(shitu_contender(gallery, spec, args, Path(tmp), report))
+            sweep(contenders[-1], queries, truth, args)
+            report.rows.extend(contenders[-1].rows)
+            flush()
+        timed_rounds(contenders, queries, args)
+        flush()
+        del contenders
+    if args.flat:
+        bench_faiss_flat(report, gallery, queries, truth, args.threads)
     report.extra["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     flush()
     print(markdown(report))

@@ -66,3 +66,24 @@ def test_same_content_is_not_stored_twice_unless_asked_and_refs_are_unique(tmp_p
     assert len(gallery) == 3
     assert gallery.page(offset=0, limit=10, label="b")[1] == 1
     assert gallery.search(x[:1], k=5, labels=["b"])[0][0].label == "b"
+
+
+def test_a_rescored_i8_gallery_replays_its_journal_and_keeps_its_vectors_in_step(tmp_path):
+    store = GalleryStore(tmp_path / "state", INFO, dtype="i8", compact_every=1000)
+    store.open_all()
+    gallery = store.get(None)
+    assert (gallery.index.dtype, gallery.index.rescore) == ("i8", 20)
+    x = _vectors(6)
+    ids = [a.id for a in gallery.add(x[:5], ["a", "b", "c", "d", "e"], [f"h{i}" for i in range(5)])]
+    gallery.remove(ids=[ids[2]])
+    reopened = GalleryStore(tmp_path / "state", INFO, dtype="i8", compact_every=1000)
+    reopened.open_all()  # no close(): the journal is replayed onto the saved (empty) index
+    again = reopened.get(None)
+    assert again.replayed == 2 and again.index.rescore == 20
+    items, stored = again.index.vectors()
+    kept = [0, 1, 3, 4]
+    assert [item.key for item in items] == kept
+    unit = x[kept] / np.linalg.norm(x[kept], axis=1, keepdims=True)
+    np.testing.assert_allclose(stored, unit, atol=1e-3)
+    best = again.search(x[3:4], k=2)[0][0]
+    assert best.id == 3 and best.score == pytest.approx(1.0, abs=1e-3)

@@ -40,8 +40,10 @@ index_app = typer.Typer(
 
 
 class IndexDtype(StrEnum):
+    auto = "auto"
     f32 = "f32"
     f16 = "f16"
+    bf16 = "bf16"
     i8 = "i8"
 
 
@@ -97,7 +99,22 @@ def build(
     ] = None,
     model: ModelNameOption = None,
     random_weights: RandomWeightsOption = False,
-    dtype: Annotated[IndexDtype, typer.Option("--dtype", help="How vectors are stored.")] = IndexDtype.f32,
+    dtype: Annotated[
+        IndexDtype,
+        typer.Option(
+            "--dtype",
+            help="How the search graph stores vectors. auto: f32 under 100,000 images, else i8 with re-scoring.",
+        ),
+    ] = IndexDtype.auto,
+    rescore: Annotated[
+        int | None,
+        typer.Option(
+            "--rescore",
+            min=0,
+            help="Candidates per query re-scored exactly with float16 vectors kept beside the graph (0: off; "
+            "default 20 for i8 and bf16, off for f32 and f16).",
+        ),
+    ] = None,
     batch_size: BatchSizeOption = 32,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index.")] = False,
     backend: BackendOption = Backend.jax,
@@ -131,6 +148,7 @@ def build(
             model=model,
             pretrained=not random_weights,
             dtype=dtype.value,
+            rescore=rescore,
             batch_size=batch_size,
             overwrite=overwrite,
             primary=primary,
@@ -144,7 +162,7 @@ def build(
     out.emit({**index.info, "failures": failures, "seconds": round(built.seconds, 3)})
     out.info(
         f"[green]Indexed[/] {len(index)} images of {index.info['num_labels']} labels "
-        f"({index.dtype}, {index.dim} dims) into {output} in {built.seconds:.1f} s"
+        f"({index.info.get('storage') or index.dtype}, {index.dim} dims) into {output} in {built.seconds:.1f} s"
         + (f"; [red]{len(failures)} left out[/]" if failures else "")
     )
     return 1 if failures else 0

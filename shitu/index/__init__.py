@@ -9,10 +9,12 @@ from shitu.index.core import (
     DTYPES,
     FORMAT,
     FORMAT_VERSION,
+    STORAGES,
     Hit,
     Item,
     RetrievalIndex,
     build_index,
+    choose_storage,
     open_index,
     vote,
 )
@@ -22,6 +24,7 @@ __all__ = [
     "DTYPES",
     "FORMAT",
     "FORMAT_VERSION",
+    "STORAGES",
     "VOTES",
     "Decision",
     "DecisionRule",
@@ -29,6 +32,7 @@ __all__ = [
     "Item",
     "RetrievalIndex",
     "build_index",
+    "choose_storage",
     "open_index",
     "vote",
 ]

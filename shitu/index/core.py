@@ -3,10 +3,20 @@
 Layout of an index folder::
 
     INDEX_DIR/
-      index.usearch   the usearch index (cosine metric; vectors stored as f32, f16 or i8), keyed by integer keys
+      index.usearch   the usearch HNSW graph (cosine metric; vectors stored as f32, f16, bf16 or i8), keyed by
+                      integer keys
       items.jsonl     one line per vector: {"key": int, "label": int, "path": str}, in key order
-      index.json      format name and version, dim, dtype, metric, count, the recognizer it was built with,
-                      HNSW parameters, versions, and the SHA-256 of the two files above
+      vectors.npy     only with re-scoring: the unit vectors as float16 [count, dim], one row per item in key
+                      order (memory-mapped on open)
+      index.json      format name and version, dim, dtype, rescore, metric, count, the recognizer it was built
+                      with, HNSW parameters, how the storage was chosen, versions, and the SHA-256 of the files
+
+Storage (``dtype``, see :func:`choose_storage`): the graph's vectors as f32, f16, bf16 or i8 (i8: each vector
+scaled so its largest component is ±127, which cosine does not see). With ``rescore`` N > 0 a search takes
+max(k, N) candidates from the graph and orders them by their exact cosine with the float16 copy in
+vectors.npy, so the scores are the cosine of the stored float16 vectors whatever the graph's dtype. ``auto``
+picks f32 without re-scoring for galleries under :data:`AUTO_COMPACT_FROM` vectors (memory is small) and
+i8 with re-scoring from there on (less memory than f32, faster search at the same recall).
 
 The folder is written as a unit (:func:`shitu.fileio.atomic_directory`: in a hidden sibling, then swapped into
 place in one step), so a reader, or what a crash leaves, is only ever the old or the new index. A writer holds a
@@ -41,7 +51,17 @@ ITEMS_FILE = "items.jsonl"
 INFO_FILE = "index.json"
 FORMAT = "shitu-retrieval-index"
 FORMAT_VERSION = 1
-DTYPES = ("f32", "f16", "i8")
+VECTORS_FILE = "vectors.npy"
+DTYPES = ("f32", "f16", "bf16", "i8")
+#: What ``dtype="auto"`` may become; see :func:`choose_storage`.
+STORAGES = ("auto", *DTYPES)
+#: From this many vectors ``auto`` stores the graph as i8 with re-scoring; below it, f32.
+AUTO_COMPACT_FROM = 100_000
+#: Candidates re-scored per query when a compact graph is chosen without saying how many.
+DEFAULT_RESCORE = 20
+#: HNSW efConstruction of a re-scored graph when none is given: usearch's own default (128) builds about 1.6x
+#: slower at 1M; 40 (faiss's default) lost recall@1 on harder low-dimensional clusters (tests/test_index_storage.py).
+RESCORED_EXPANSION_ADD = 64
 METRICS = ("cos",)
 #: Keys the recognizer description must agree on for query features to be comparable with the stored ones.
 RECOGNIZER_KEYS = ("model", "embedding_size", "input_size")
@@ -112,8 +132,16 @@ def _as_matrix(features: Any, dim: int | None, *, what: str) -> np.ndarray:
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero). Cosine does not care, but i8 storage needs [-1, 1]."""
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))[:, None]
     return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+
+
+def _as_float32(matrix: np.ndarray) -> np.ndarray:
+    """A float16 array as float32, exactly. numkong (usearch's own SIMD kernels) converts several times faster
+    than numpy, whose float16 conversion dominated a re-scored single-query search."""
+    import numkong
+
+    return np.asarray(numkong.astype(np.ascontiguousarray(matrix), "float32"))
 
 
 def _recognizer_mismatch(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:
@@ -124,6 +152,45 @@ def _recognizer_mismatch(recorded: Mapping[str, Any], given: Mapping[str, Any]) 
     return None
 
 
+def choose_storage(dtype: str, rescore: int | None, count: int) -> tuple[str, int, str]:
+    """The graph dtype and the re-scored candidate count for ``dtype`` (one of :data:`STORAGES`) and
+    ``rescore`` (None: the default for the dtype) at ``count`` vectors, and a line saying why.
+
+    The rule of ``auto``: under :data:`AUTO_COMPACT_FROM` vectors f32 without re-scoring (a 512-dim f32
+    graph of 100,000 vectors takes about 0.2 GiB); from there i8 with :data:`DEFAULT_RESCORE` candidates
+    re-scored against float16 vectors (at 1M × 512: 1.6 GiB of files instead of 2.1 GiB, 2× faster to build and
+    1.2-1.4× faster to search than f32 at the same recall; benchmarks/RESULTS.md). An explicit dtype keeps its
+    choice: re-scoring defaults to on for i8 and bf16, off otherwise.
+    """
+    if dtype not in STORAGES:
+        raise ShituError(f"unknown index dtype {dtype!r} (choose one of {', '.join(STORAGES)})")
+    if rescore is not None and rescore < 0:
+        raise ShituError(f"rescore must be 0 (off) or a number of candidates, got {rescore}")
+    if dtype == "auto":
+        compact = count >= AUTO_COMPACT_FROM
+        dtype = "i8" if compact else "f32"
+        why = f"auto: {count:,} vectors {'≥' if compact else '<'} {AUTO_COMPACT_FROM:,}"
+    else:
+        why = f"dtype {dtype} as asked"
+    if rescore is None:
+        rescore = DEFAULT_RESCORE if dtype in ("i8", "bf16") else 0
+    why += f" → {dtype} graph" + (f", {rescore} candidates re-scored with float16 vectors" if rescore else "")
+    return dtype, int(rescore), why
+
+
+def _graph_rows(matrix: np.ndarray, dtype: str) -> np.ndarray:
+    """Unit rows as handed to the usearch graph: for i8, each row scaled so its largest component is ±127
+    and rounded (usearch's own cast maps [-1, 1] to [-127, 127], which leaves a 512-dim unit vector's
+    components only a few levels; the scale is free because cosine ignores length); float32 otherwise."""
+    if dtype != "i8":
+        return matrix
+    import numkong
+
+    peak = np.abs(matrix).max(axis=1, keepdims=True)
+    scaled = np.divide(matrix * np.float32(127.0), peak, out=np.zeros_like(matrix), where=peak > 0)
+    return np.asarray(numkong.astype(scaled, "int8"))  # rounds half to even, like np.rint
+
+
 class RetrievalIndex:
     """Vectors with labels and paths, searchable by cosine similarity; see the module docstring for the files.
 
@@ -131,13 +198,28 @@ class RetrievalIndex:
     change the index in memory; :meth:`save` writes it (as a unit).
     """
 
-    def __init__(self, usearch_index: Any, items: Mapping[int, Item], info: Mapping[str, Any], path: Path | None):
+    def __init__(
+        self,
+        usearch_index: Any,
+        items: Mapping[int, Item],
+        info: Mapping[str, Any],
+        path: Path | None,
+        rescore_vectors: np.ndarray | None = None,
+    ):
         self._index = usearch_index
         self._items: dict[int, Item] = dict(items)
         self._info: dict[str, Any] = dict(info)
         self.path = path
         self._on_disk: str | None = None  # SHA-256 of index.json as read, to detect a change by someone else
         self._label_counts: dict[int, int] | None = None
+        # With re-scoring: float16 unit vectors, one row per item in key order, and the keys of the rows.
+        self._vectors: np.ndarray | None = None
+        self._row_keys = np.zeros(0, np.uint64)
+        if self.rescore:
+            self._vectors = np.zeros((0, self.dim), np.float16) if rescore_vectors is None else rescore_vectors
+            self._row_keys = np.fromiter(sorted(self._items), dtype=np.uint64, count=len(self._items))
+            if len(self._vectors) != len(self._row_keys):
+                raise ShituError(f"{len(self._vectors)} re-scoring vectors for {len(self._row_keys)} items")
 
     # -- description --------------------------------------------------------------------------------
     @property
@@ -151,6 +233,23 @@ class RetrievalIndex:
     @property
     def metric(self) -> str:
         return str(self._info["metric"])
+
+    @property
+    def expansion_search(self) -> int:
+        """The HNSW search breadth (ef): candidates the graph walk keeps; larger is slower and finds more."""
+        return int(self._index.expansion_search)
+
+    @expansion_search.setter
+    def expansion_search(self, value: int) -> None:
+        if not 0 < int(value) < 2**31:
+            raise ShituError(f"expansion_search must be a positive integer below 2**31, got {value}")
+        self._index.expansion_search = int(value)
+        self._info["expansion_search"] = int(value)
+
+    @property
+    def rescore(self) -> int:
+        """Candidates taken from the graph and re-scored exactly per query (at least k); 0: no re-scoring."""
+        return int(self._info.get("rescore") or 0)
 
     @property
     def recognizer(self) -> dict[str, Any]:
@@ -185,30 +284,87 @@ class RetrievalIndex:
     # -- search -------------------------------------------------------------------------------------
     def search(self, features: Any, k: int = 5, exact: bool = False) -> list[list[Hit]]:
         """The ``k`` nearest stored items of each query row, best first: one list per row (also for a
-        single 1-D vector, which counts as one row). ``exact`` compares with every stored vector (brute
-        force through usearch, in the storage dtype) instead of walking the HNSW graph. Lists are shorter
-        than ``k`` when the index holds fewer items. Equal scores are ordered by key."""
+        single 1-D vector, which counts as one row). With re-scoring the graph's best max(k, rescore)
+        candidates are ordered by their cosine with the float16 vectors. ``exact`` compares with every stored
+        vector instead of walking the HNSW graph (numpy over the float16 vectors with re-scoring, else
+        usearch's brute force in the graph's dtype). Lists are shorter than ``k`` when the index holds fewer
+        items. Equal scores are ordered by key."""
         if k < 1:
             raise ShituError(f"k must be at least 1, got {k}")
         queries = _unit_rows(_as_matrix(features, self.dim, what="query features"))
         if not len(queries) or not len(self):
             return [[] for _ in range(len(queries))]
-        matches = self._index.search(queries, min(k, len(self)), exact=exact)
-        # usearch answers one query with 1-D arrays and several with 2-D ones: make both 2-D.
-        keys = np.atleast_2d(np.asarray(matches.keys))
-        scores = np.float32(1.0) - np.atleast_2d(np.asarray(matches.distances, dtype=np.float32))  # cosine
-        counts = np.atleast_1d(np.asarray(matches.counts if hasattr(matches, "counts") else [keys.shape[1]]))
+        if self._vectors is not None and exact:
+            keys, scores, counts = self._exact_search(queries, min(k, len(self)))
+        else:
+            wanted = min(max(k, self.rescore) if self._vectors is not None else k, len(self))
+            # One query: on this thread (usearch's thread pool costs more than it gains for a single walk).
+            threads = 1 if len(queries) == 1 else 0
+            matches = self._index.search(_graph_rows(queries, self.dtype), wanted, exact=exact, threads=threads)
+            # usearch answers one query with 1-D arrays and several with 2-D ones: make both 2-D.
+            keys = np.atleast_2d(matches.keys)
+            counts = np.atleast_1d(matches.counts if hasattr(matches, "counts") else keys.shape[1])
+            if self._vectors is not None:
+                keys, scores, counts = self._rescored(queries, keys, counts, k)
+            else:
+                scores = np.float32(1.0) - np.atleast_2d(matches.distances).astype(np.float32)  # cosine
         results: list[list[Hit]] = []
+        items = self._items
         for row in range(len(queries)):
             hits = []
             found = zip(keys[row, : counts[row]].tolist(), scores[row, : counts[row]].tolist(), strict=True)
             for key, score in found:
-                item = self._items.get(int(key))
+                item = items.get(key)
                 if item is not None:  # never happens for a consistent index; skip rather than invent
-                    hits.append(Hit(item.key, item.label, item.path, float(score)))
+                    hits.append(Hit(item.key, item.label, item.path, score))
             hits.sort(key=lambda hit: (-hit.score, hit.key))
             results.append(hits)
         return results
+
+    def _rescored(
+        self, queries: np.ndarray, keys: np.ndarray, counts: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The graph's candidates ``keys`` [B, C] (the first ``counts`` of each row valid) ordered by their
+        cosine with the float16 vectors; the best ``k`` of each row, scores as float32."""
+        assert self._vectors is not None
+        if len(queries) == 1:  # the common single query, in fewer numpy calls than the batch path below
+            found = keys[0, : counts[0]]
+            scores = _as_float32(self._vectors[self._rows_of(found)]) @ queries[0]
+            order = np.argsort(-scores, kind="stable")[:k]
+            return found[order][None, :], scores[order][None, :], np.array([len(order)])
+        valid = np.arange(keys.shape[1])[None, :] < counts[:, None]
+        rows = self._rows_of(np.where(valid, keys, self._row_keys[0]).astype(np.uint64))
+        candidates = _as_float32(self._vectors[rows])  # [B, C, D]
+        scores = np.einsum("bcd,bd->bc", candidates, queries)
+        scores = np.where(valid, scores, -np.inf).astype(np.float32)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(keys, order, 1), np.take_along_axis(scores, order, 1), np.minimum(counts, k)
+
+    def _rows_of(self, keys: np.ndarray) -> np.ndarray:
+        """The rows of the float16 vectors holding ``keys`` (all stored). Keys 0..N-1 without holes (an index
+        nothing was removed from) are their own rows; otherwise a binary search, whose random reads over a
+        large key array cost tens of microseconds per query at 1M."""
+        count = len(self._row_keys)
+        if count and int(self._row_keys[-1]) == count - 1:
+            return keys.astype(np.intp)
+        return np.minimum(np.searchsorted(self._row_keys, keys), count - 1)
+
+    def _exact_search(self, queries: np.ndarray, k: int, block: int = 65_536) -> tuple[np.ndarray, ...]:
+        """Brute force against the float16 vectors (numpy matrix products in blocks of rows): the top ``k``
+        keys and cosine scores of each query."""
+        assert self._vectors is not None
+        best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+        best_rows = np.zeros((len(queries), 0), np.int64)
+        for start in range(0, len(self._vectors), block):
+            scores = queries @ _as_float32(self._vectors[start : start + block]).T
+            take = min(k, scores.shape[1])
+            part = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+            best_scores = np.concatenate([best_scores, np.take_along_axis(scores, part, 1)], axis=1)
+            best_rows = np.concatenate([best_rows, part + start], axis=1)
+            order = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
+            best_scores, best_rows = np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
+        counts = np.full(len(queries), best_rows.shape[1])
+        return self._row_keys[best_rows], best_scores, counts
 
     vote = staticmethod(vote)
 
@@ -250,9 +406,12 @@ class RetrievalIndex:
         items = self.items
         if not items:
             return items, np.zeros((0, self.dim), np.float32)
+        if self._vectors is not None:  # the float16 copy is closer to what was added than the graph's
+            return items, _as_float32(self._vectors)
         keys = np.asarray([item.key for item in items], dtype=np.uint64)
         rows = self._index.get(keys, dtype=np.float32)
-        return items, np.ascontiguousarray(np.vstack(rows).reshape(len(items), self.dim), dtype=np.float32)
+        matrix = np.ascontiguousarray(np.vstack(rows).reshape(len(items), self.dim), dtype=np.float32)
+        return items, _unit_rows(matrix) if self.dtype == "i8" else matrix
 
     def decide(self, hits: Sequence[Hit], rule: DecisionRule | None = None) -> Decision:
         """``rule`` (default: :attr:`decision_rule`) applied to one query's hits, with this index's label counts."""
@@ -268,7 +427,11 @@ class RetrievalIndex:
             return []
         start = int(self._info.get("next_key", 0))
         keys = np.arange(start, start + len(matrix), dtype=np.uint64)
-        self._index.add(keys, _unit_rows(matrix))
+        unit = _unit_rows(matrix)
+        self._index.add(keys, _graph_rows(unit, self.dtype))  # threads=0: on every core
+        if self._vectors is not None:  # new keys are above all stored ones, so rows stay in key order
+            self._vectors = np.concatenate([self._vectors, unit.astype(np.float16)])
+            self._row_keys = np.concatenate([self._row_keys, keys])
         for key, label, path in zip(keys.tolist(), labels, paths, strict=True):
             self._items[key] = Item(int(key), int(label), str(path))
         self._info["next_key"] = start + len(matrix)
@@ -313,6 +476,9 @@ class RetrievalIndex:
         keys = self.keys_for(keys_or_paths)
         if keys:
             self._index.remove(np.asarray(keys, dtype=np.uint64))
+            if self._vectors is not None:
+                kept = ~np.isin(self._row_keys, np.asarray(keys, dtype=np.uint64))
+                self._vectors, self._row_keys = self._vectors[kept], self._row_keys[kept]
         removed = [self._items.pop(key) for key in keys]
         self._info["count"] = len(self)
         self._label_counts = None
@@ -335,7 +501,13 @@ class RetrievalIndex:
 
     def _save_locked(self, target: Path, *, overwrite: bool) -> None:
         from shitu import __version__
-        from shitu.fileio import atomic_directory, atomic_write_json, atomic_write_text, recover_directory
+        from shitu.fileio import (
+            atomic_directory,
+            atomic_open,
+            atomic_write_json,
+            atomic_write_text,
+            recover_directory,
+        )
 
         recover_directory(target)  # before judging what is there: a killed two-rename save's previous index
         own = self.path is not None and target == Path(self.path).absolute()
@@ -352,6 +524,11 @@ class RetrievalIndex:
         with atomic_directory(target) as staging:
             self._index.save(os.fspath(staging / INDEX_FILE))
             atomic_write_text(staging / ITEMS_FILE, "".join(_item_line(item) for item in self.items))
+            names = [INDEX_FILE, ITEMS_FILE]
+            if self._vectors is not None:
+                with atomic_open(staging / VECTORS_FILE, "wb") as handle:
+                    np.save(handle, np.ascontiguousarray(self._vectors, dtype="<f2"), allow_pickle=False)
+                names.append(VECTORS_FILE)
             info = {k: v for k, v in self._info.items() if k not in ("files", "path", "num_labels")}
             info.update(
                 count=len(self),
@@ -359,7 +536,7 @@ class RetrievalIndex:
                 usearch_version=usearch.__version__,
                 files={
                     name: {"sha256": _sha256(staging / name), "bytes": (staging / name).stat().st_size}
-                    for name in (INDEX_FILE, ITEMS_FILE)
+                    for name in names
                 },
             )
             atomic_write_json(staging / INFO_FILE, info)
@@ -419,7 +596,8 @@ def build_index(
     *,
     output: str | os.PathLike[str] | None,
     recognizer_info: Mapping[str, Any] | None,
-    dtype: str = "f32",
+    dtype: str = "auto",
+    rescore: int | None = None,
     metric: str = "cos",
     overwrite: bool = False,
     connectivity: int | None = None,
@@ -430,12 +608,13 @@ def build_index(
     row, keyed 0..N-1, saved at ``output`` (None: kept in memory only).
 
     ``recognizer_info`` is the ``Recognizer.describe()`` of the model that made the features; searches with
-    another model are refused. ``dtype`` is the storage type (f32, f16 or i8); ``metric`` must be ``cos``.
+    another model are refused. ``dtype`` is the graph's storage type (auto, f32, f16, bf16 or i8) and
+    ``rescore`` the candidates re-scored exactly per query (None: the dtype's default; see
+    :func:`choose_storage`, whose reason is kept in index.json as ``storage``); ``metric`` must be ``cos``.
     ``connectivity`` (HNSW M), ``expansion_add`` (efConstruction) and ``expansion_search`` (ef) default to
-    usearch's (16, 128, 64). An existing index at ``output`` is replaced only with ``overwrite``.
+    usearch's (16, 128, 64), except efConstruction :data:`RESCORED_EXPANSION_ADD` with re-scoring. An
+    existing index at ``output`` is replaced only with ``overwrite``.
     """
-    if dtype not in DTYPES:
-        raise ShituError(f"unknown index dtype {dtype!r} (choose one of {', '.join(DTYPES)})")
     if metric not in METRICS:
         raise ShituError(f"unknown metric {metric!r}: shitu indexes compare features by cosine ('cos')")
     matrix = _as_matrix(features, None, what="features")
@@ -445,6 +624,9 @@ def build_index(
     size = recognizer.get("embedding_size")
     if size is not None and int(size) != matrix.shape[1]:
         raise ShituError(f"features have {matrix.shape[1]} dimensions but the recognizer's embedding size is {size}")
+    dtype, rescore, storage = choose_storage(dtype, rescore, len(matrix))
+    if expansion_add is None and rescore:
+        expansion_add = RESCORED_EXPANSION_ADD
     if output is not None:
         check_replaceable(Path(output).absolute(), overwrite=overwrite)  # fail before the (long) build
     usearch_index = _new_usearch(matrix.shape[1], dtype, connectivity, expansion_add)
@@ -455,6 +637,8 @@ def build_index(
         "format_version": FORMAT_VERSION,
         "dim": int(matrix.shape[1]),
         "dtype": dtype,
+        "rescore": rescore,
+        "storage": storage,
         "metric": metric,
         "count": 0,
         "next_key": 0,
@@ -523,6 +707,10 @@ def _read_info(folder: Path) -> dict[str, Any]:
         )
     if not 0 <= doc["next_key"] <= _INT64_MAX + 1:
         raise ShituError(f"next_key {doc['next_key']} is outside 0..2**63", path=file)
+    rescore = doc.get("rescore", 0)  # optional (older indexes have none: no re-scoring)
+    if not isinstance(rescore, int) or isinstance(rescore, bool) or not 0 <= rescore < 2**31:
+        raise ShituError(f"field 'rescore' must be a non-negative integer below 2**31, got {rescore!r}", path=file)
+    names = (INDEX_FILE, ITEMS_FILE, VECTORS_FILE) if rescore else (INDEX_FILE, ITEMS_FILE)
     for key in _HNSW_FIELDS:  # optional (older indexes may lack them), but when present a usable C int
         value = doc.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31):
@@ -531,7 +719,7 @@ def _read_info(folder: Path) -> dict[str, Any]:
         value = doc["recognizer"].get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             raise ShituError(f"recognizer field {key!r} must be a {kind.__name__} or null, got {value!r}", path=file)
-    for name in (INDEX_FILE, ITEMS_FILE):
+    for name in names:
         entry = doc["files"].get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise ShituError(f"no checksum recorded for {name}", path=file)
@@ -570,6 +758,17 @@ def _read_items(file: Path) -> dict[int, Item]:
     return items
 
 
+def _read_vectors(file: Path, count: int, dim: int) -> np.ndarray:
+    """vectors.npy memory-mapped (read-only: a change makes a copy in memory), checked to be float16 [count, dim]."""
+    try:
+        vectors = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ShituError(f"unreadable re-scoring vectors: {exc}", path=file) from None
+    if vectors.dtype != np.float16 or vectors.shape != (count, dim):
+        raise ShituError(f"holds {vectors.dtype} {list(vectors.shape)}, expected float16 [{count}, {dim}]", path=file)
+    return vectors
+
+
 def _missing_index_hint(folder: Path) -> str | None:
     """Where an interrupted save left the previous index, if it did."""
     leftovers = sorted(folder.parent.glob(f".{folder.name}.*.old/{folder.name}")) if folder.parent.is_dir() else []
@@ -600,7 +799,8 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
         from shitu.index.decision import DecisionRule
 
         DecisionRule.from_json(info["decision"], path=info_file)
-    for name in (INDEX_FILE, ITEMS_FILE):
+    names = (INDEX_FILE, ITEMS_FILE, VECTORS_FILE) if info.get("rescore") else (INDEX_FILE, ITEMS_FILE)
+    for name in names:
         file = folder / name
         if not file.is_file():
             why = "not a regular file" if file.exists() or file.is_symlink() else "missing from the index folder"
@@ -647,7 +847,8 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
         usearch_index.expansion_search = info["expansion_search"]
     if isinstance(info.get("expansion_add"), int) and info["expansion_add"] > 0:
         usearch_index.expansion_add = info["expansion_add"]
-    index = RetrievalIndex(usearch_index, items, info, folder.absolute())
+    vectors = _read_vectors(folder / VECTORS_FILE, len(items), info["dim"]) if info.get("rescore") else None
+    index = RetrievalIndex(usearch_index, items, info, folder.absolute(), rescore_vectors=vectors)
     index._on_disk = info_digest
     if recognizer_info is not None:
         index.check_recognizer(recognizer_info)

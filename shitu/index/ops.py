@@ -124,7 +124,8 @@ def build_gallery_index(
     model_dir: str | os.PathLike[str] | None = None,
     model: str | None = None,
     pretrained: bool = True,
-    dtype: str = "f32",
+    dtype: str = "auto",
+    rescore: int | None = None,
     batch_size: int = 32,
     overwrite: bool = False,
     primary: bool = True,
@@ -133,7 +134,8 @@ def build_gallery_index(
 ) -> GalleryBuild:
     """Embed the images of ``gallery`` (a ``<path> <label>`` list or a dataset folder) with the bundle
     ``model_dir``, or the registered model ``model`` (its installed or published weights; random ones with
-    ``pretrained=False``; exactly one of the two), and write the index at ``output``.
+    ``pretrained=False``; exactly one of the two), and write the index at ``output`` with the storage
+    ``dtype`` / ``rescore`` (see :func:`shitu.index.core.choose_storage`).
 
     In this order: the list is read (its warnings reported; any error is reported and then a ShituError,
     nothing written); process 0 takes the index's lock (another writer makes this a ShituError at once) and
@@ -190,6 +192,7 @@ def build_gallery_index(
             output=target,
             recognizer_info=recognizer.describe(),
             dtype=dtype,
+            rescore=rescore,
             overwrite=overwrite,
         )
         return GalleryBuild(index, failures, time.perf_counter() - started)
