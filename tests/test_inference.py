@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def _tiny_vit():
@@ -39,3 +40,42 @@ def test_matches_model_features_normalised():
     raw = np.asarray(model(images))
     expected = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     np.testing.assert_allclose(Embedder(model)(images), expected, rtol=1e-5, atol=1e-6)
+
+
+def _shitu_rec(seed: int):
+    """A small PP-ShiTuV2_rec in eval mode with non-trivial BatchNorm statistics (so folding them matters)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from shitu.models.pplcnetv2 import build_pp_shituv2_rec
+
+    model = build_pp_shituv2_rec(3, rngs=nnx.Rngs(seed), scale=0.5, embedding_size=64)
+    rng = np.random.default_rng(seed)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.BatchNorm):
+            size = node.mean.shape[0]
+            node.mean[...] = jnp.asarray(rng.normal(0.0, 0.2, size), jnp.float32)
+            node.var[...] = jnp.asarray(rng.uniform(0.5, 1.5, size), jnp.float32)
+            node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, size), jnp.float32)
+            node.bias[...] = jnp.asarray(rng.normal(0.0, 0.2, size), jnp.float32)
+    model.eval()
+    return model
+
+
+def test_inference_form_gives_the_same_features_and_takes_the_given_models_states():
+    from flax import nnx
+
+    from shitu.models.inference import Embedder
+
+    images = np.random.default_rng(2).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    first, second = _shitu_rec(0), _shitu_rec(1)
+    folded = Embedder(first, buckets=(4,), inference_form=True)
+    np.testing.assert_allclose(folded(images), Embedder(first, buckets=(4,))(images), atol=1e-5)
+    expected = Embedder(second, buckets=(4,))(images)
+    assert np.max(np.abs(folded(images) - expected)) > 1e-3
+    folded.set_state(nnx.state(second))  # the unfolded model's state: the folded form is derived from it
+    np.testing.assert_allclose(folded(images), expected, atol=1e-5)
+    assert folded.compiled_shapes() == 1
+    assert second.neck is not None  # the given model is left as it was
+    with pytest.raises(ValueError, match="does not match"):
+        folded.set_state(nnx.state(second.inference_form()))  # a folded state is not the given model's

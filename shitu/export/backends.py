@@ -228,10 +228,9 @@ def _jax_forward(recognizer: Any, precision: str) -> Forward:
         return recognizer.embedder
     import jax.numpy as jnp
 
-    from shitu.export.convert import inference_form
     from shitu.models.inference import Embedder
 
-    return Embedder(inference_form(recognizer.model), compute_dtype=jnp.bfloat16)
+    return Embedder(recognizer.model, compute_dtype=jnp.bfloat16, inference_form=True)
 
 
 def _refusal(backend: str, precision: str) -> str | None:
