@@ -2,7 +2,9 @@
 OpenVINO. Preprocessing stays shitu's whatever the backend; only the call ``images → features`` changes.
 
 - ``jax`` (default): the jitted, bucketed :class:`~shitu.models.inference.Embedder`. ``bf16`` runs the
-  BatchNorm-folded model in bfloat16 where the CPU has a bf16 path (AVX-512 BF16 or AMX; any GPU).
+  BatchNorm-folded model's dense and 1×1 convolutions as bf16 products with float32 accumulation (activations
+  stay float32; :func:`~shitu.models.layers.use_bf16_products`) where the CPU has a bf16 path (AVX-512 BF16 or
+  AMX; any GPU).
 - ``onnxruntime``: an ONNX Runtime CPU session with ``intra_op_num_threads`` = the cores this process may
   use; fp32, or ``int8``.
 - ``openvino``: an OpenVINO CPU compiled model, ``INFERENCE_PRECISION_HINT`` f32 or bf16 (bf16 only where

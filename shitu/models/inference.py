@@ -40,8 +40,11 @@ class Embedder:
     ``inference_form``: run :func:`shitu.export.convert.inference_form` of ``model`` (for PP-ShiTuV2_rec the
     BatchNorm-folded form: rep branches merged, every BatchNorm, the dropout scale and the BNNeck folded
     into the convolutions) instead of ``model`` as given. Same features to float32 rounding (~3e-7), fewer
-    passes over the activations: at 224 px on a 2-core AVX-512 EPYC (jax 0.10.2) the fp32 forward went
-    from 42 to 32 ms at batch 1 and from 1.82 to 1.41 s at batch 32 (1.3×, same process, interleaved).
+    passes over the activations: at 224 px on a 2-core AVX-512 EPYC (jax 0.10.2) the fp32 forward of a
+    training-form model (three depthwise branches per rep block) went from 42 to 32 ms at batch 1 and from
+    1.82 to 1.41 s at batch 32 (1.3×, same process, interleaved). A deploy-form model (branches already
+    merged, e.g. imported from a Paddle inference export) gains little: XLA fuses an eval BatchNorm into the
+    neighbouring loop anyway.
     :meth:`set_state` still takes states of ``model`` itself and derives the inference form from them.
     """
 
