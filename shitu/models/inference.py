@@ -106,10 +106,22 @@ class Embedder:
         if self._source_graphdef is not None:
             if _signature(state) != self._source_signature:
                 raise ValueError("set_state: the new state does not match the model's structure, shapes and dtypes")
+            import jax
+
             from shitu.export.convert import inference_form
 
             source = nnx.merge(self._source_graphdef, state, copy=True)
-            self._state = self._cast(nnx.state(inference_form(source)))
+            derived = self._cast(nnx.state(inference_form(source)))
+
+            def devices(tree: Any) -> set[Any]:
+                return {device for leaf in jax.tree.leaves(tree) for device in leaf.devices()}
+
+            # Keep the weights where they were (the derived copy is on the default device); moving them when
+            # they already are there would commit them and cost a recompilation.
+            before = devices(self._state)
+            if len(before) == 1 and devices(derived) != before:
+                derived = jax.device_put(derived, before.pop())
+            self._state = derived
             return
         if _signature(state) != _signature(self._state):
             raise ValueError("set_state: the new state does not match the model's structure, shapes and dtypes")
