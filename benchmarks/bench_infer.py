@@ -42,7 +42,6 @@ CHECK_BATCH = 4
 
 RUNTIMES = {
     "shitu JAX fp32": ("shitu", "jax", "fp32"),
-    "shitu JAX fp32, unfolded model": ("shitu", "jax", "fp32-unfolded"),
     "shitu JAX bf16": ("shitu", "jax", "bf16"),
     "shitu ONNX → ONNX Runtime": ("shitu", "onnxruntime", "fp32"),
     "shitu ONNX → OpenVINO f32": ("shitu", "openvino", "fp32"),
@@ -75,13 +74,8 @@ def child(args: argparse.Namespace) -> None:
         from shitu.runtime import configure_jax
 
         configure_jax()
-        if precision == "fp32-unfolded":  # the model as loaded, not its inference form (BatchNorm folded)
-            from shitu.models.inference import Embedder
-
-            forward, layout = Embedder(resolve_model(Path(args.bundle)).model), "NHWC"
-        else:
-            recognizer = resolve_model(Path(args.bundle), backend=backend, precision=precision)
-            forward, layout = recognizer.embed_arrays, "NHWC"
+        recognizer = resolve_model(Path(args.bundle), backend=backend, precision=precision)
+        forward, layout = recognizer.embed_arrays, "NHWC"
     else:
         from shitu.export.backends import OnnxRuntimeForward, OpenVinoForward
 
