@@ -24,14 +24,38 @@ def l2_normalize(features: Any) -> Any:
     return features / jnp.where(norm > 0, norm, 1.0)
 
 
+def _signature(tree: Any) -> tuple[Any, list[tuple[Any, Any]]]:
+    """A state's tree structure and its leaves' shapes and dtypes (what a compiled forward depends on)."""
+    import jax
+
+    return jax.tree.structure(tree), [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(tree)]
+
+
 class Embedder:
     """Computes normalised features with ``model`` (an NNX recognition module; put in eval mode here).
 
     ``compute_dtype`` (e.g. ``jnp.bfloat16``) runs the network with its floating-point parameters and the
     images cast to that type; the features are normalised and returned in float32 either way.
+
+    ``inference_form``: run :func:`shitu.export.convert.inference_form` of ``model`` (for PP-ShiTuV2_rec the
+    BatchNorm-folded form: rep branches merged, every BatchNorm, the dropout scale and the BNNeck folded
+    into the convolutions) instead of ``model`` as given. Same features to float32 rounding (~3e-7), fewer
+    passes over the activations: at 224 px on a 2-core AVX-512 EPYC (jax 0.10.2) the fp32 forward of a
+    training-form model (three depthwise branches per rep block) went from 42 to 32 ms at batch 1 and from
+    1.82 to 1.41 s at batch 32 (1.3×, same process, interleaved). A deploy-form model (branches already
+    merged, e.g. imported from a Paddle inference export) gains little: XLA fuses an eval BatchNorm into the
+    neighbouring loop anyway.
+    :meth:`set_state` still takes states of ``model`` itself and derives the inference form from them.
     """
 
-    def __init__(self, model: Any, *, buckets: Sequence[int] = DEFAULT_BUCKETS, compute_dtype: Any = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        compute_dtype: Any = None,
+        inference_form: bool = False,
+    ) -> None:
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -39,14 +63,18 @@ class Embedder:
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError("buckets must be positive batch sizes")
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self._compute_dtype = compute_dtype
         model.eval()
-        self._graphdef, self._state = nnx.split(model)
-        if compute_dtype is not None:
+        network = model
+        if inference_form:
+            from shitu.export.convert import inference_form as derive
 
-            def cast(leaf: Any) -> Any:
-                return leaf.astype(compute_dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
-
-            self._state = jax.tree.map(cast, self._state)
+            network = derive(model)
+        # The given model's structure, when the network run is derived from it (set_state's input).
+        self._source_graphdef = nnx.graphdef(model) if network is not model else None
+        self._source_signature = _signature(nnx.state(model)) if network is not model else None
+        self._graphdef, state = nnx.split(network)
+        self._state = self._cast(state)
 
         def forward(state: Any, images: Any) -> Any:
             if compute_dtype is not None:
@@ -56,16 +84,46 @@ class Embedder:
 
         self._forward = jax.jit(forward)
 
+    def _cast(self, state: Any) -> Any:
+        """``state`` with its floating-point leaves in the compute dtype (unchanged without one)."""
+        if self._compute_dtype is None:
+            return state
+        import jax
+        import jax.numpy as jnp
+
+        def cast(leaf: Any) -> Any:
+            return leaf.astype(self._compute_dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+        return jax.tree.map(cast, state)
+
     def set_state(self, state: Any) -> None:
         """Embed with new weights from now on, without recompiling: ``state`` is ``nnx.state(m)`` of a model
         ``m`` of the same architecture (same structure, shapes and dtypes; e.g. a copy of the model being
-        trained, put in eval mode), as training's per-epoch evaluation needs. ValueError if it differs."""
-        import jax
+        trained, put in eval mode), as training's per-epoch evaluation needs. ValueError if it differs.
+        With ``inference_form`` the form run is derived from ``state`` (``m`` is not changed)."""
+        from flax import nnx
 
-        def signature(tree: Any) -> tuple[Any, list[tuple[Any, Any]]]:
-            return jax.tree.structure(tree), [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(tree)]
+        if self._source_graphdef is not None:
+            if _signature(state) != self._source_signature:
+                raise ValueError("set_state: the new state does not match the model's structure, shapes and dtypes")
+            import jax
 
-        if signature(state) != signature(self._state):
+            from shitu.export.convert import inference_form
+
+            source = nnx.merge(self._source_graphdef, state, copy=True)
+            derived = self._cast(nnx.state(inference_form(source)))
+
+            def devices(tree: Any) -> set[Any]:
+                return {device for leaf in jax.tree.leaves(tree) for device in leaf.devices()}
+
+            # Keep the weights where they were (the derived copy is on the default device); moving them when
+            # they already are there would commit them and cost a recompilation.
+            before = devices(self._state)
+            if len(before) == 1 and devices(derived) != before:
+                derived = jax.device_put(derived, before.pop())
+            self._state = derived
+            return
+        if _signature(state) != _signature(self._state):
             raise ValueError("set_state: the new state does not match the model's structure, shapes and dtypes")
         self._state = state
 

@@ -83,22 +83,37 @@ def same_padding(kernel_size: int) -> int:
 
 
 def conv2d(
-    x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, *, pointwise_as_matmul: bool = True
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: int = 1,
+    padding: int = 0,
+    *,
+    pointwise_as_matmul: bool = True,
+    operand_dtype: jnp.dtype | None = None,
 ) -> jax.Array:
     """Dense NHWC convolution with an HWIO kernel and symmetric explicit padding.
 
     A 1×1 stride-1 convolution is a matmul over the channel axis (same result, and XLA:CPU runs a plain
     dot faster than a 1×1 convolution) unless ``pointwise_as_matmul`` is False (the export form: ONNX
-    runtimes fuse a ``Conv`` with its bias and activation and keep one layout, but not a ``MatMul``)."""
+    runtimes fuse a ``Conv`` with its bias and activation and keep one layout, but not a ``MatMul``).
+
+    ``operand_dtype`` (e.g. bfloat16): multiply ``x`` and ``kernel`` rounded to that type, accumulating and
+    returning ``x``'s type. XLA:CPU upcasts a bf16 dot with a bf16 result to f32 (so bf16 activations only
+    add conversions), but runs a bf16×bf16→f32 dot as one YNNPACK bf16 kernel: on an AVX-512 BF16 EPYC a
+    6272×1024×1024 dot took 45 ms against 86 ms in f32 (25088×256×256: 12 against 19 ms)."""
+    out_dtype = x.dtype
+    if operand_dtype is not None:
+        x, kernel = x.astype(operand_dtype), kernel.astype(operand_dtype)
     kh, kw = kernel.shape[:2]
     if pointwise_as_matmul and kh == kw == 1 and stride == 1 and padding == 0:
-        return jnp.matmul(x, kernel[0, 0])
+        return jnp.matmul(x, kernel[0, 0], preferred_element_type=out_dtype)
     return lax.conv_general_dilated(
         x,
         kernel,
         window_strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=out_dtype,
     )
 
 
@@ -274,9 +289,18 @@ class Conv2d(nnx.Module):
         self.bias = nnx.data(nnx.Param(jnp.asarray(np.zeros(out_channels, np.float32))) if use_bias else None)
         # Export form (see :func:`use_export_ops`): 1×1 convolutions stay convolutions.
         self.pointwise_as_matmul = True
+        # bf16 products with f32 accumulation (see :func:`use_bf16_products`); None: in the input's type.
+        self.operand_dtype: str | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = conv2d(x, self.kernel[...], self.stride, self.padding, pointwise_as_matmul=self.pointwise_as_matmul)
+        y = conv2d(
+            x,
+            self.kernel[...],
+            self.stride,
+            self.padding,
+            pointwise_as_matmul=self.pointwise_as_matmul,
+            operand_dtype=jnp.dtype(self.operand_dtype) if self.operand_dtype else None,
+        )
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -330,6 +354,17 @@ def use_export_ops(module: nnx.Module) -> nnx.Module:
             node.grouped = True
         elif isinstance(node, Conv2d):
             node.pointwise_as_matmul = False
+    return module
+
+
+def use_bf16_products(module: nnx.Module) -> nnx.Module:
+    """Make every dense convolution (1×1 ones are dots) in ``module`` multiply in bfloat16 and accumulate
+    in float32, in place, and return it; activations, depthwise convolutions and parameters stay float32.
+    This is the JAX bf16 path: the dots are most of the time and XLA:CPU runs only this form of them in
+    bf16 (see :func:`conv2d`). Parameters and their tree are unchanged."""
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, Conv2d):
+            node.operand_dtype = "bfloat16"
     return module
 
 
