@@ -111,10 +111,12 @@ class Embedder:
             from shitu.export.convert import inference_form
 
             source = nnx.merge(self._source_graphdef, state, copy=True)
-            derived = self._cast(nnx.state(inference_form(source)))
+            # Leaves the folding passes through unchanged are the caller's own arrays; training donates those
+            # to its next step, so keep copies, never references that may be deleted under us.
+            derived = jax.tree.map(lambda leaf: leaf.copy(), self._cast(nnx.state(inference_form(source))))
 
             def devices(tree: Any) -> set[Any]:
-                return {device for leaf in jax.tree.leaves(tree) for device in leaf.devices()}
+                return {device for leaf in jax.tree.leaves(tree) if not leaf.is_deleted() for device in leaf.devices()}
 
             # Keep the weights where they were (the derived copy is on the default device); moving them when
             # they already are there would commit them and cost a recompilation.
