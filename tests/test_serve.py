@@ -378,6 +378,7 @@ def _check_after_restart(url: str, log: list[dict]) -> None:
             if not entry["acked"]:
                 found = client.get("/v1/items", params={"label": entry["label"]}).json()
                 entry["acked"] = True
+                entry["in_flight"] = True
                 if entry["op"] == "add":
                     entry["op"] = "add" if found["total"] == 2 else "lost"
                     entry["ids"] = [item["id"] for item in found["items"]]
@@ -407,6 +408,13 @@ def _kill_during_writes(tiny_bundle: Path, cache: Path, state: Path, kills: int,
             server = Server(tiny_bundle, state, cache, *args, env={"SHITU_API_KEY": API_KEY}).start()
             _check_after_restart(server.url, log)
         assert sum(entry["op"] == "add" and entry["acked"] for entry in log) >= kills  # writes really happened
+        in_flight = [entry for entry in log if entry.get("in_flight")]
+        print(  # the counts of docs/RELIABILITY.md's row (pytest -s)
+            f"{kills} kills: {sum(not e.get('in_flight') and e['op'] == 'add' for e in log)} acknowledged adds and "
+            f"{sum(not e.get('in_flight') and e['op'] == 'remove' for e in log)} acknowledged removals all present; "
+            f"{len(in_flight)} writes in flight at a kill: {sum(e['op'] != 'lost' for e in in_flight)} applied whole, "
+            f"{sum(e['op'] == 'lost' for e in in_flight)} not applied"
+        )
     finally:
         server.kill()
 
