@@ -149,6 +149,8 @@ NO_KEY = np.uint64(2**64 - 1)
 #: Query rows whose squared length is this close to 1 are taken as unit vectors (float32 rounding of a unit
 #: 512-dim vector stays within about 1e-5).
 _UNIT_TOLERANCE = 1e-4
+#: Queries re-scored together: 32 × 20 candidates × 512 dims is 0.6 MB of float16 and 1.3 MB of float32.
+_RESCORE_BLOCK = 32
 
 
 def _unit_queries(features: Any, dim: int) -> np.ndarray:
@@ -160,13 +162,17 @@ def _unit_queries(features: Any, dim: int) -> np.ndarray:
         matrix = matrix[None, :]
     if matrix.ndim != 2 or matrix.shape[1] != dim:
         _as_matrix(matrix, dim, what="query features")  # raises the error that says what is wrong
-    matrix = np.ascontiguousarray(matrix)
+    if not matrix.flags.c_contiguous:
+        matrix = np.ascontiguousarray(matrix)
     squared = np.einsum("ij,ij->i", matrix, matrix)
-    if not np.isfinite(squared).all():
+    if not len(squared):
+        return matrix
+    low, high = squared.min(), squared.max()  # NaN if any value is NaN, inf if any is infinite (or huge)
+    if low >= 1.0 - _UNIT_TOLERANCE and high <= 1.0 + _UNIT_TOLERANCE:
+        return matrix
+    if not np.isfinite(high) or np.isnan(low):
         _as_matrix(matrix, dim, what="query features")  # NaN or infinite values (else huge finite ones)
         return _unit_rows(matrix.astype(np.float64)).astype(np.float32)
-    if np.abs(squared - np.float32(1.0)).max(initial=0.0) <= _UNIT_TOLERANCE:
-        return matrix
     norms = np.sqrt(squared)[:, None]
     return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
 
@@ -177,6 +183,9 @@ def _best_first(
     """Candidates ``keys`` / ``scores`` [B, C] (the first ``counts`` of each row valid) as the best ``k`` of each
     row, best first, equal scores by key, padded to [B, k] with :data:`NO_KEY` and -inf."""
     width = keys.shape[1]
+    if len(keys) == 1 and counts[0] == width >= k:  # the common single query, in fewer numpy calls
+        order = np.lexsort((keys[0], -scores[0]))[:k]
+        return keys[:, order], scores[:, order].astype(np.float32, copy=False), np.minimum(counts, k)
     if (counts < width).any():
         valid = np.arange(width)[None, :] < counts[:, None]
         keys, scores = np.where(valid, keys, NO_KEY), np.where(valid, scores, -np.inf)
@@ -232,7 +241,10 @@ def _graph_rows(matrix: np.ndarray, dtype: str) -> np.ndarray:
     import numkong
 
     peak = np.abs(matrix).max(axis=1, keepdims=True)
-    scaled = np.divide(matrix * np.float32(127.0), peak, out=np.zeros_like(matrix), where=peak > 0)
+    if len(matrix) == 1:  # one query, in fewer numpy calls
+        scaled = matrix * (np.float32(127.0) / peak) if peak[0, 0] > 0 else matrix
+    else:
+        scaled = np.divide(matrix * np.float32(127.0), peak, out=np.zeros_like(matrix), where=peak > 0)
     return np.asarray(numkong.astype(scaled, "int8"))  # rounds half to even, like np.rint
 
 
@@ -261,7 +273,10 @@ class RetrievalIndex:
         self._vectors: np.ndarray | None = None
         self._row_keys = np.zeros(0, np.uint64)
         if self.rescore:
-            self._vectors = np.zeros((0, self.dim), np.float16) if rescore_vectors is None else rescore_vectors
+            # A memory map as a plain array view (same pages; indexing a np.memmap costs microseconds per call).
+            self._vectors = (
+                np.zeros((0, self.dim), np.float16) if rescore_vectors is None else np.asarray(rescore_vectors)
+            )
             self._row_keys = np.fromiter(sorted(self._items), dtype=np.uint64, count=len(self._items))
             if len(self._vectors) != len(self._row_keys):
                 raise ShituError(f"{len(self._vectors)} re-scoring vectors for {len(self._row_keys)} items")
@@ -381,11 +396,22 @@ class RetrievalIndex:
     def _rescore_scores(self, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """The cosine of each query [B, D] with the float16 vectors of its candidates ``keys`` [B, C] (entries
         past a row's count may hold any key of usearch's padding: their scores are masked later), float32 [B, C].
-        One gather, one float16 → float32 cast and one batched product for the whole batch."""
+
+        Per block of :data:`_RESCORE_BLOCK` queries: one gather, one float16 → float32 cast, one batched product.
+        Blocks keep the temporary arrays small enough for the allocator to reuse and the caches to hold (one
+        gather and cast of a whole 1,000-query batch spent most of its time faulting in 60 MB of fresh pages)."""
         assert self._vectors is not None
-        rows = self._rows_of(keys.ravel())
-        candidates = _as_float32(self._vectors[rows]).reshape(*keys.shape, self.dim)  # [B, C, D]
-        return np.matmul(candidates, queries[:, :, None])[:, :, 0]
+        rows = self._rows_of(keys.ravel()).reshape(keys.shape)
+        if len(queries) == 1:
+            return (_as_float32(self._vectors.take(rows[0], axis=0)) @ queries[0])[None, :]
+        scores = np.empty(keys.shape, np.float32)
+        for start in range(0, len(queries), _RESCORE_BLOCK):
+            block = rows[start : start + _RESCORE_BLOCK]
+            candidates = _as_float32(self._vectors[block.ravel()]).reshape(*block.shape, self.dim)  # [b, C, D]
+            np.einsum(
+                "bcd,bd->bc", candidates, queries[start : start + _RESCORE_BLOCK], out=scores[start:][: len(block)]
+            )
+        return scores
 
     def _rows_of(self, keys: np.ndarray) -> np.ndarray:
         """The rows of the float16 vectors holding ``keys``; a key that is not stored (usearch's padding) gets
