@@ -381,14 +381,16 @@ def timed_rounds(
                 many = len(queries) / wall
                 previous = best.get((i, j), (0.0, 0.0))
                 best[i, j] = (max(previous[0], many), max(previous[1], one))
-                log(f"round {round_ + 1}: {contender.library} {contender.name} {name if j else ''}: {many:,.0f} QPS batch, {one:,.0f} batch 1")
+                label = f"{contender.library} {contender.name}" + (f" {name}" if j else "")
+                log(f"round {round_ + 1}: {label}: {many:,.0f} QPS batch, {one:,.0f} batch 1")
     for (i, j), (many, one) in best.items():
         contender = contenders[i]
         chosen = contender.rows[-1]
         if j == 0:
             chosen.qps_batch1000, chosen.qps_batch1 = many, one
             continue
-        row = Row(contender.library, f"{contender.name} {contender.variants[j - 1][0]}", contender.n, f"ef={contender.ef}")
+        name = f"{contender.name} {contender.variants[j - 1][0]}"
+        row = Row(contender.library, name, contender.n, f"ef={contender.ef}")
         row.qps_batch1000, row.qps_batch1 = many, one
         row.recall1, row.recall10 = recall[i, j]
         place = next(p for p, r in enumerate(report.rows) if r is chosen)
