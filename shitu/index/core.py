@@ -25,8 +25,9 @@ the same index is refused.
 :func:`open_index` checks the checksums and that the three files agree, and turns anything wrong into one
 :class:`~shitu.errors.ShituError` that names the file.
 
-Scores are cosine similarities (``1 - usearch's cosine distance``): larger is closer, 1 for the same direction. :meth:`RetrievalIndex.search_arrays` answers
-with arrays (keys, scores, counts), :meth:`RetrievalIndex.search` with :class:`Hit` lists built from them.
+Scores are cosine similarities (``1 - usearch's cosine distance``): larger is closer, 1 for the same direction.
+:meth:`RetrievalIndex.search_arrays` answers with arrays (keys, scores, counts), :meth:`RetrievalIndex.search`
+with :class:`Hit` lists built from them.
 """
 
 from __future__ import annotations
