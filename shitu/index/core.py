@@ -400,8 +400,9 @@ class RetrievalIndex:
         past a row's count may hold any key of usearch's padding: their scores are masked later), float32 [B, C].
 
         Per block of :data:`_RESCORE_BLOCK` queries: one gather, one float16 → float32 cast, one batched product.
-        Blocks keep the temporary arrays small enough for the allocator to reuse and the caches to hold (one
-        gather and cast of a whole 1,000-query batch spent most of its time faulting in 60 MB of fresh pages)."""
+        Blocks keep the temporary arrays small enough for the allocator to reuse and the caches to hold: a whole
+        1,000-query batch at once (60 MB of fresh temporaries per call) re-scored in 32 ms at 200,000 vectors,
+        blocks in 7-10 ms."""
         assert self._vectors is not None
         rows = self._rows_of(keys.ravel()).reshape(keys.shape)
         if len(queries) == 1:
