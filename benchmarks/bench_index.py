@@ -14,8 +14,11 @@ Measured, all on the same vectors in one run (``--n``, default 1,000,000):
    them (``--faiss-m`` 32, ``--faiss-ef-construction`` 40, faiss's default), built on ``--threads`` threads.
 2. ``shitu.index`` with each storage of ``--shitu`` (default ``auto`` and ``f32``; ``DTYPE[:rescore=N]
    [:ef_add=E][:m=M]``): built by ``build_index`` (usearch adds on every core), saved, dropped and opened again
-   from disk (checksums verified; re-scoring vectors memory-mapped), searched through ``RetrievalIndex.search``
-   (so the numbers include the wrapper: normalising queries, re-scoring, building ``Hit`` objects).
+   from disk (checksums verified; re-scoring vectors memory-mapped), searched through
+   ``RetrievalIndex.search_arrays`` (keys and scores as arrays, like faiss's ``search``; the numbers include
+   the query checks and the re-scoring). At the chosen ef two more rows show the same index through
+   ``RetrievalIndex.search`` (``Hit`` lists: the wrapper's cost) and usearch's graph search alone (the
+   candidates, neither re-scored nor checked: the floor).
 
 Per setting: build wall s and CPU s (CPU ÷ wall = cores used), memory (faiss: resident growth during the
 build; shitu: resident growth from opening the index to the end of the ef sweep, i.e. what a search process
@@ -219,6 +222,8 @@ class Contender:
     rows: list[Row] = field(default_factory=list)
     n: int = 0
     rss_before: int | None = None  # shitu: resident bytes before opening the index (memory = growth after sweep)
+    # Other ways to search the same index, measured at the chosen ef only: (row name, queries [B, D], k -> ids).
+    variants: list[tuple[str, Callable[[np.ndarray, int], np.ndarray]]] = field(default_factory=list)
 
 
 def faiss_contender(gallery: np.ndarray, args: argparse.Namespace) -> Contender:
@@ -262,6 +267,7 @@ def shitu_contender(
     import gc
 
     from shitu.index import build_index, open_index
+    from shitu.index.core import _graph_rows
 
     dtype, *options = spec.split(":")
     settings = dict(option.split("=", 1) for option in options)
@@ -303,7 +309,7 @@ def shitu_contender(
         f"{index.dtype}" + (f" + re-score {index.rescore} (f16)" if index.rescore else ""),
         f"M={connectivity}, ef_add={index.info['expansion_add']}",
         lambda ef: setattr(index, "expansion_search", ef),
-        lambda q, k: np.asarray([[hit.key for hit in row] for row in index.search(q, k)], dtype=np.int64),
+        lambda q, k: index.search_arrays(q, k)[0].astype(np.int64),
         lambda threads: None,  # usearch: threads=0, every core for a batch; one query runs on one thread
         build_s,
         build_cpu,
@@ -313,6 +319,17 @@ def shitu_contender(
         n=n,
     )
     contender.rss_before = before
+
+    def hits(q: np.ndarray, k: int) -> np.ndarray:
+        return np.asarray([[hit.key for hit in row] for row in index.search(q, k)], dtype=np.int64)
+
+    def graph_alone(q: np.ndarray, k: int) -> np.ndarray:
+        threads = 1 if len(q) == 1 else 0
+        candidates = max(k, index.rescore)  # what the graph hands to re-scoring
+        keys = np.atleast_2d(index._index.search(_graph_rows(q, index.dtype), candidates, threads=threads).keys)
+        return keys[:, :k].astype(np.int64)
+
+    contender.variants = [("via search() (Hit lists)", hits), ("usearch graph alone (no re-scoring)", graph_alone)]
     return contender
 
 
@@ -340,27 +357,44 @@ def sweep(contender: Contender, queries: np.ndarray, truth: np.ndarray, args: ar
         first.note = (first.note + "; " if first.note else "") + contender.note
 
 
-def timed_rounds(contenders: list[Contender], queries: np.ndarray, args: argparse.Namespace) -> None:
+def timed_rounds(
+    contenders: list[Contender], queries: np.ndarray, truth: np.ndarray, args: argparse.Namespace, report: Report
+) -> None:
     """QPS at batch 1,000 (``--threads``) and batch 1 (one query per call, one thread) at each contender's
-    chosen ef, in ``--rounds`` interleaved rounds (the machine is shared: load changes), best round kept."""
-    best: dict[int, tuple[float, float]] = {}
+    chosen ef, in ``--rounds`` interleaved rounds (the machine is shared: load changes), best round kept.
+    A contender's variants are measured the same way and get a row each, after its chosen row."""
+    best: dict[tuple[int, int], tuple[float, float]] = {}
+    recall: dict[tuple[int, int], tuple[float, float]] = {}
     for round_ in range(args.rounds):
         for i, contender in enumerate(contenders):
             if contender.ef is None:
                 continue
             contender.set_ef(contender.ef)
-            contender.batch_threads(args.threads)
-            _, wall, _ = timed(lambda c=contender: c.search(queries, 10))
-            contender.batch_threads(1)
-            one = batch1_qps(lambda q, c=contender: c.search(q[None, :], 10), queries, seconds=args.batch1_seconds)
-            contender.batch_threads(args.threads)
-            many = len(queries) / wall
-            previous = best.get(i, (0.0, 0.0))
-            best[i] = (max(previous[0], many), max(previous[1], one))
-            log(f"round {round_ + 1}: {contender.library} {contender.name}: {many:,.0f} QPS batch, {one:,.0f} batch 1")
-    for i, (many, one) in best.items():
-        chosen = contenders[i].rows[-1]
-        chosen.qps_batch1000, chosen.qps_batch1 = many, one
+            ways = [(contender.name, contender.search), *contender.variants]
+            for j, (name, search) in enumerate(ways):
+                contender.batch_threads(args.threads)
+                found, wall, _ = timed(lambda s=search: s(queries, 10))
+                recall[i, j] = recalls(found, truth)
+                contender.batch_threads(1)
+                one = batch1_qps(lambda q, s=search: s(q[None, :], 10), queries, seconds=args.batch1_seconds)
+                contender.batch_threads(args.threads)
+                many = len(queries) / wall
+                previous = best.get((i, j), (0.0, 0.0))
+                best[i, j] = (max(previous[0], many), max(previous[1], one))
+                label = f"{contender.library} {contender.name}" + (f" {name}" if j else "")
+                log(f"round {round_ + 1}: {label}: {many:,.0f} QPS batch, {one:,.0f} batch 1")
+    for (i, j), (many, one) in best.items():
+        contender = contenders[i]
+        chosen = contender.rows[-1]
+        if j == 0:
+            chosen.qps_batch1000, chosen.qps_batch1 = many, one
+            continue
+        name = f"{contender.name} {contender.variants[j - 1][0]}"
+        row = Row(contender.library, name, contender.n, f"ef={contender.ef}")
+        row.qps_batch1000, row.qps_batch1 = many, one
+        row.recall1, row.recall10 = recall[i, j]
+        place = next(p for p, r in enumerate(report.rows) if r is chosen)
+        report.rows.insert(place + j, row)
 
 
 def bench_faiss_flat(report: Report, gallery: np.ndarray, queries: np.ndarray, truth: np.ndarray, threads: int) -> None:
@@ -458,7 +492,7 @@ def main() -> None:
             sweep(contenders[-1], queries, truth, args)
             report.rows.extend(contenders[-1].rows)
             flush()
-        timed_rounds(contenders, queries, args)
+        timed_rounds(contenders, queries, truth, args, report)
         flush()
         del contenders
     if args.flat:
