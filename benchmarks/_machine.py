@@ -1,4 +1,5 @@
-"""What every benchmark prints about the machine: the CPU model and its instruction-set flags."""
+"""What every benchmark prints about the machine (the CPU model and its instruction-set flags), and the
+process's peak memory. Standard library only: the Paddle-side scripts import it from their own interpreter."""
 
 from __future__ import annotations
 
@@ -25,3 +26,17 @@ def cpu_model(fallback: str = "unknown") -> str:
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (avx2, avx512f, ...); empty where /proc/cpuinfo is missing."""
     return set((_cpuinfo_field("flags") or "").split())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident size in MiB. VmHWM, not ``ru_maxrss``: Linux carries ``ru_maxrss`` over from
+    the parent through fork and exec, so every child would report at least the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

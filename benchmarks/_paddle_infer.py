@@ -21,6 +21,7 @@ from pathlib import Path
 os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or "2"
 
 import numpy as np
+from _machine import peak_rss_mb
 
 THREADS = 2
 
@@ -89,19 +90,6 @@ def bench_dygraph(name: str, batches: list[int], reps: list[int], size: int) -> 
         first, runs = _times(run, n)
         results.append({"batch": batch, "first_s": first, "runs_s": runs, "median_s": statistics.median(runs)})
     return {"paddle": paddle.__version__, "results": results}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident size (VmHWM: ``ru_maxrss`` keeps the parent's peak across fork and exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def main() -> None:

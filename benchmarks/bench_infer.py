@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_flags, cpu_model
+from _machine import cpu_flags, cpu_model, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".work" / "bench_infer"
@@ -67,18 +66,6 @@ RUNTIMES = {
 def _images(batch: int, layout: str, seed: int = 0) -> np.ndarray:
     x = np.random.default_rng(seed).normal(0.0, 1.0, (batch, SIZE, SIZE, 3)).astype(np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "NCHW" else x
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident size. VmHWM, not ``ru_maxrss``: Linux carries ``ru_maxrss`` over from the
-    parent through fork and exec, so every child would report at least the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _check_images(layout: str) -> np.ndarray:
@@ -127,7 +114,7 @@ def child(args: argparse.Namespace) -> None:
     features = np.asarray(forward(_check_images(layout)), np.float32)
     features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)  # Paddle's are not normalised
     np.save(args.features, features)
-    print(json.dumps({"first_s": first, "best_s": results, "peak_rss_mb": _peak_rss_mb()}))
+    print(json.dumps({"first_s": first, "best_s": results, "peak_rss_mb": peak_rss_mb()}))
 
 
 def head_to_head(args: argparse.Namespace) -> None:
