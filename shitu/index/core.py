@@ -65,6 +65,14 @@ DEFAULT_RESCORE = 20
 #: slower at 1M; 40 (faiss's default) lost recall@1 on harder low-dimensional clusters (tests/test_index_storage.py).
 RESCORED_EXPANSION_ADD = 64
 METRICS = ("cos",)
+
+
+def _data_files(rescore: int) -> tuple[str, ...]:
+    """The files index.json records checksums of: the graph and the items, and the float16 vectors with
+    re-scoring."""
+    return (INDEX_FILE, ITEMS_FILE, VECTORS_FILE) if rescore else (INDEX_FILE, ITEMS_FILE)
+
+
 #: Keys the recognizer description must agree on for query features to be comparable with the stored ones.
 RECOGNIZER_KEYS = ("model", "embedding_size", "input_size")
 
@@ -601,11 +609,9 @@ class RetrievalIndex:
         with atomic_directory(target) as staging:
             self._index.save(os.fspath(staging / INDEX_FILE))
             atomic_write_text(staging / ITEMS_FILE, "".join(_item_line(item) for item in self.items))
-            names = [INDEX_FILE, ITEMS_FILE]
             if self._vectors is not None:
                 with atomic_open(staging / VECTORS_FILE, "wb") as handle:
                     np.save(handle, np.ascontiguousarray(self._vectors, dtype="<f2"), allow_pickle=False)
-                names.append(VECTORS_FILE)
             info = {k: v for k, v in self._info.items() if k not in ("files", "path", "num_labels")}
             info.update(
                 count=len(self),
@@ -613,7 +619,7 @@ class RetrievalIndex:
                 usearch_version=usearch.__version__,
                 files={
                     name: {"sha256": _sha256(staging / name), "bytes": (staging / name).stat().st_size}
-                    for name in names
+                    for name in _data_files(self.rescore)
                 },
             )
             atomic_write_json(staging / INFO_FILE, info)
@@ -787,7 +793,6 @@ def _read_info(folder: Path) -> dict[str, Any]:
     rescore = doc.get("rescore", 0)  # optional (older indexes have none: no re-scoring)
     if not isinstance(rescore, int) or isinstance(rescore, bool) or not 0 <= rescore < 2**31:
         raise ShituError(f"field 'rescore' must be a non-negative integer below 2**31, got {rescore!r}", path=file)
-    names = (INDEX_FILE, ITEMS_FILE, VECTORS_FILE) if rescore else (INDEX_FILE, ITEMS_FILE)
     for key in _HNSW_FIELDS:  # optional (older indexes may lack them), but when present a usable C int
         value = doc.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31):
@@ -796,7 +801,7 @@ def _read_info(folder: Path) -> dict[str, Any]:
         value = doc["recognizer"].get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             raise ShituError(f"recognizer field {key!r} must be a {kind.__name__} or null, got {value!r}", path=file)
-    for name in names:
+    for name in _data_files(rescore):
         entry = doc["files"].get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise ShituError(f"no checksum recorded for {name}", path=file)
@@ -876,8 +881,7 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
         from shitu.index.decision import DecisionRule
 
         DecisionRule.from_json(info["decision"], path=info_file)
-    names = (INDEX_FILE, ITEMS_FILE, VECTORS_FILE) if info.get("rescore") else (INDEX_FILE, ITEMS_FILE)
-    for name in names:
+    for name in _data_files(info.get("rescore", 0)):
         file = folder / name
         if not file.is_file():
             why = "not a regular file" if file.exists() or file.is_symlink() else "missing from the index folder"
