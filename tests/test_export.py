@@ -180,6 +180,22 @@ def test_backends_equal_jax_and_reuse_the_cached_export(bundles, images, monkeyp
         assert np.abs(recognizer.embed_arrays(images) - expected).max() <= TOL
 
 
+def test_an_upgrade_of_shitu_or_the_converter_exports_again(bundles, monkeypatch):
+    import shitu
+    from shitu.embed.resolve import resolve_model
+    from shitu.export import backends, convert
+
+    recognizer = resolve_model(bundles["pp"])
+    key = backends._cache_key(recognizer)
+    assert key == backends._cache_key(recognizer)  # stable for the same weights and tools
+    monkeypatch.setattr(shitu, "__version__", shitu.__version__ + ".post1")
+    newer_shitu = backends._cache_key(recognizer)
+    monkeypatch.setattr(convert, "converter_version", lambda package: f"{package} 999")
+    newer_converter = backends._cache_key(recognizer)
+    assert len({key, newer_shitu, newer_converter}) == 3
+    assert all(k.startswith(key.rsplit("-t", 1)[0]) for k in (newer_shitu, newer_converter))
+
+
 def test_openvino_recompiles_a_graph_rewritten_at_the_same_path(tmp_path):
     pytest.importorskip("openvino")
     import onnx

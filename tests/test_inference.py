@@ -53,3 +53,22 @@ def test_to_device_keeps_the_weights_there_and_the_features():
     embedder.to_device(cpu)
     assert {leaf.devices().pop() for leaf in jax.tree.leaves(embedder._state)} == {cpu}
     np.testing.assert_allclose(embedder(images), before, rtol=1e-6, atol=1e-7)
+
+
+def test_large_cpu_inputs_run_as_concurrent_cache_sized_chunks(monkeypatch):
+    import shitu.models.inference as inference
+    from shitu.models.inference import Embedder
+
+    embedder = Embedder(_tiny_vit(), buckets=(1, 2, 4, 8))
+    images = np.random.default_rng(3).normal(size=(7, 32, 32, 3)).astype(np.float32)
+    whole = embedder(images)  # 7 x 32 x 32 pixels is within CPU_CHUNK_PIXELS: one call, bucket 8
+    assert embedder.chunk_size(32, 32) == 8 and embedder.compiled_shapes() == 1 and embedder._pool is None
+    # The tests' sizes never reach the limit, so lower it: two 32 x 32 images per call.
+    monkeypatch.setattr(inference, "CPU_CHUNK_PIXELS", 2 * 32 * 32)
+    assert embedder.chunk_size(32, 32) == 2
+    assert embedder.chunk_size(64, 64) == 1  # nothing fits: the smallest bucket
+    chunked = embedder(images)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert embedder.compiled_shapes() == 3  # 8 (before), then chunks of 2, 2, 2 and 1
+    assert embedder._pool is not None and embedder._pool._max_workers >= 1
+    assert embedder(images[:0]).shape == (0, 0)

@@ -150,11 +150,24 @@ def check_choice(backend: str, precision: str) -> None:
 # ------------------------------------------------------------------------------------------- exported graphs
 
 
+def _tools_tag() -> str:
+    """A short hash of what makes the exported graphs besides the weights: shitu's version (its export and
+    quantization code), the export format, and the converter's and the quantizer's versions. Part of the cache
+    key, so that an upgrade exports and quantizes again instead of running a graph the old code made."""
+    import hashlib
+
+    from shitu import __version__
+    from shitu.export.convert import EXPORT_FORMAT_VERSION, converter_version
+
+    tools = [__version__, str(EXPORT_FORMAT_VERSION), converter_version("jax2onnx"), converter_version("onnxruntime")]
+    return hashlib.sha256("\n".join(tools).encode()).hexdigest()[:8]
+
+
 def _cache_key(recognizer: Any) -> str:
     from shitu.export.convert import model_checksum
 
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", recognizer.name)
-    return f"{name}-{model_checksum(recognizer)}-{recognizer.input_size}px"
+    return f"{name}-{model_checksum(recognizer)}-{recognizer.input_size}px-t{_tools_tag()}"
 
 
 def exported_onnx(recognizer: Any, calibration: Any = None) -> Path:

@@ -115,7 +115,7 @@ def preprocess_document(recognizer: Any) -> dict[str, Any]:
     }
 
 
-def _converter_version(package: str) -> str:
+def converter_version(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -266,7 +266,7 @@ def export_recognizer(
         model_path = staging / file_name
         if format == "onnx":
             write_onnx(recognizer.model, model_path, input_size=size, batch=batch, name=recognizer.name)
-            converter = _converter_version("jax2onnx")
+            converter = converter_version("jax2onnx")
         else:
             write_stablehlo(recognizer.model, model_path, input_size=size, batch=batch)
             import jax
@@ -358,7 +358,7 @@ def quantize_export(recognizer: Any, model_path: Path, calibration: Any, batch: 
         "calibration": calibration.to_json(),
         "min_cosine_to_fp32": cosine,
         "cosine_images": len(images),
-        "quantizer": _converter_version("onnxruntime"),
+        "quantizer": converter_version("onnxruntime"),
     }
 
 
