@@ -55,20 +55,23 @@ def test_to_device_keeps_the_weights_there_and_the_features():
     np.testing.assert_allclose(embedder(images), before, rtol=1e-6, atol=1e-7)
 
 
-def test_large_cpu_inputs_run_as_concurrent_cache_sized_chunks(monkeypatch):
-    import shitu.models.inference as inference
-    from shitu.models.inference import Embedder
+def test_large_cpu_inputs_run_as_concurrent_cache_sized_chunks():
+    from shitu.models.inference import CPU_CHUNK_PIXELS, Embedder
 
-    embedder = Embedder(_tiny_vit(), buckets=(1, 2, 4, 8))
+    model = _tiny_vit()
     images = np.random.default_rng(3).normal(size=(7, 32, 32, 3)).astype(np.float32)
-    whole = embedder(images)  # 7 x 32 x 32 pixels is within CPU_CHUNK_PIXELS: one call, bucket 8
-    assert embedder.chunk_size(32, 32) == 8 and embedder.compiled_shapes() == 1 and embedder._pool is None
-    # The tests' sizes never reach the limit, so lower it: two 32 x 32 images per call.
-    monkeypatch.setattr(inference, "CPU_CHUNK_PIXELS", 2 * 32 * 32)
-    assert embedder.chunk_size(32, 32) == 2
-    assert embedder.chunk_size(64, 64) == 1  # nothing fits: the smallest bucket
-    chunked = embedder(images)
-    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
-    assert embedder.compiled_shapes() == 3  # 8 (before), then chunks of 2, 2, 2 and 1
-    assert embedder._pool is not None and embedder._pool._max_workers >= 1
-    assert embedder(images[:0]).shape == (0, 0)
+    default = Embedder(model, buckets=(1, 2, 4, 8))
+    assert default.cpu_chunk_pixels == CPU_CHUNK_PIXELS
+    whole = default(images)  # 7 x 32 x 32 pixels is within CPU_CHUNK_PIXELS: one call, bucket 8
+    assert default.chunk_size(32, 32) == 8 and default.compiled_shapes() == 1 and default._pool is None
+    assert default.chunk_size(224, 224) == 2  # 2 x 224 x 224 <= 2**17 < 4 x 224 x 224
+    # The tests' sizes never reach the default limit; a lower one cuts two 32 x 32 images per call.
+    small = Embedder(model, buckets=(1, 2, 4, 8), cpu_chunk_pixels=2 * 32 * 32)
+    assert small.chunk_size(32, 32) == 2
+    assert small.chunk_size(64, 64) == 1  # nothing fits: the smallest bucket
+    np.testing.assert_allclose(small(images), whole, rtol=1e-5, atol=1e-6)
+    assert small.compiled_shapes() == 2  # chunks of 2, 2, 2 and 1
+    assert small._pool is not None and small._pool._max_workers >= 1
+    assert small(images[:0]).shape == (0, 0)
+    never = Embedder(model, buckets=(1, 2, 4, 8), cpu_chunk_pixels=None)
+    assert never.chunk_size(224, 224) == 8

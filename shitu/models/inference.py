@@ -56,6 +56,10 @@ class Embedder:
     merged, e.g. imported from a Paddle inference export) gains little: XLA fuses an eval BatchNorm into the
     neighbouring loop anyway.
     :meth:`set_state` still takes states of ``model`` itself and derives the inference form from them.
+
+    ``cpu_chunk_pixels``: on a CPU, the most pixels (images x height x width) per compiled call; larger inputs
+    run as chunks of the largest bucket within it, :data:`CPU_CONCURRENT_CHUNKS` calls in flight (default
+    :data:`CPU_CHUNK_PIXELS`; None: one call per largest bucket, as on a GPU).
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class Embedder:
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         compute_dtype: Any = None,
         inference_form: bool = False,
+        cpu_chunk_pixels: int | None = CPU_CHUNK_PIXELS,
     ) -> None:
         import jax
         import jax.numpy as jnp
@@ -73,6 +78,7 @@ class Embedder:
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError("buckets must be positive batch sizes")
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self.cpu_chunk_pixels = cpu_chunk_pixels
         self._compute_dtype = compute_dtype
         model.eval()
         network = model
@@ -163,10 +169,10 @@ class Embedder:
 
     def chunk_size(self, height: int, width: int) -> int:
         """The most images one compiled call takes at ``height`` x ``width``: the largest bucket, or on a CPU the
-        largest bucket within :data:`CPU_CHUNK_PIXELS` (at least the smallest bucket)."""
-        if not self._on_cpu:
+        largest bucket within ``cpu_chunk_pixels`` (at least the smallest bucket; None: the largest bucket)."""
+        if not self._on_cpu or self.cpu_chunk_pixels is None:
             return self.buckets[-1]
-        fitting = [b for b in self.buckets if b * height * width <= CPU_CHUNK_PIXELS]
+        fitting = [b for b in self.buckets if b * height * width <= self.cpu_chunk_pixels]
         return fitting[-1] if fitting else self.buckets[0]
 
     def _run(self, chunk: np.ndarray) -> np.ndarray:
@@ -186,7 +192,7 @@ class Embedder:
         if not chunks:
             return np.zeros((0, 0), np.float32)
         if len(chunks) > 1 and step < self.buckets[-1]:
-            # Chunks cut for the cache (CPU_CHUNK_PIXELS) run concurrently: XLA releases the GIL while it computes.
+            # Chunks cut for the cache (cpu_chunk_pixels) run concurrently: XLA releases the GIL while it computes.
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
