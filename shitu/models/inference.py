@@ -90,23 +90,33 @@ class Embedder:
         self._source_graphdef = nnx.graphdef(model) if network is not model else None
         self._source_signature = _signature(nnx.state(model)) if network is not model else None
         self._graphdef, state = nnx.split(network)
+        self._pool: Any = None  # a thread pool for concurrent chunks, made on first use
         self._state = self._cast(state)
+        treedef = self._treedef
 
-        def forward(state: Any, images: Any) -> Any:
+        def forward(leaves: Any, images: Any) -> Any:
             if compute_dtype is not None:
                 images = images.astype(compute_dtype)
-            features = nnx.merge(self._graphdef, state)(images)
+            features = nnx.merge(self._graphdef, jax.tree.unflatten(treedef, leaves))(images)
             return l2_normalize(features.astype(jnp.float32))
 
         self._forward = jax.jit(forward)
-        self._on_cpu = self._state_on_cpu()
-        self._pool: Any = None  # a thread pool for concurrent chunks, made on first use
 
-    def _state_on_cpu(self) -> bool:
+    @property
+    def _state(self) -> Any:
+        """The weights the network runs with (an ``nnx.State``)."""
+        return self.__state
+
+    @_state.setter
+    def _state(self, state: Any) -> None:
         import jax
 
-        leaves = [leaf for leaf in jax.tree.leaves(self._state) if hasattr(leaf, "devices") and not leaf.is_deleted()]
-        return all(device.platform == "cpu" for leaf in leaves[:1] for device in leaf.devices())
+        self.__state = state
+        # The compiled call takes the state's leaves as a flat list: parsing the nnx.State's ~100 Variables
+        # cost about 0.45 ms more per call (PP-ShiTuV2_rec, 0.9 against 0.46 ms to dispatch; ~3% at batch 1).
+        self._leaves, self._treedef = jax.tree.flatten(state)
+        present = [leaf for leaf in self._leaves[:1] if hasattr(leaf, "devices") and not leaf.is_deleted()]
+        self._on_cpu = all(device.platform == "cpu" for leaf in present for device in leaf.devices())
 
     def _cast(self, state: Any) -> Any:
         """``state`` with its floating-point leaves in the compute dtype (unchanged without one)."""
@@ -148,12 +158,10 @@ class Embedder:
             if len(before) == 1 and devices(derived) != before:
                 derived = jax.device_put(derived, before.pop())
             self._state = derived
-            self._on_cpu = self._state_on_cpu()
             return
         if _signature(state) != _signature(self._state):
             raise ValueError("set_state: the new state does not match the model's structure, shapes and dtypes")
         self._state = state
-        self._on_cpu = self._state_on_cpu()
 
     def to_device(self, device: Any) -> None:
         """Keep the weights on ``device`` (a ``jax.Device``): later calls compute there, whatever JAX's default
@@ -161,7 +169,6 @@ class Embedder:
         import jax
 
         self._state = jax.device_put(self._state, device)
-        self._on_cpu = self._state_on_cpu()
 
     def bucket_for(self, n: int) -> int:
         """The batch size an input of ``n`` images is padded to (n ≤ the largest bucket)."""
@@ -180,7 +187,7 @@ class Embedder:
         count, size = len(chunk), self.bucket_for(len(chunk))
         if size != count:
             chunk = np.concatenate([chunk, np.zeros((size - count, *chunk.shape[1:]), np.float32)])
-        return np.asarray(self._forward(self._state, chunk))[:count]
+        return np.asarray(self._forward(self._leaves, chunk))[:count]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """``images``: float32 [N, H, W, 3], preprocessed. Returns float32 [N, embedding] unit rows."""
