@@ -345,11 +345,11 @@ def shitu_contender(
     settings = dict(option.split("=", 1) for option in options)
     rescore = int(settings["rescore"]) if "rescore" in settings else None
     expansion_add = int(settings["ef_add"]) if "ef_add" in settings else None  # None: shitu's default
-    connectivity = int(settings.get("m", args.connectivity))
+    connectivity = int(settings["m"]) if "m" in settings else args.connectivity  # None: shitu's default
     n = len(gallery)
     labels = (np.arange(n) // PER_CLUSTER).tolist()
     paths = [f"images/{i}.jpg" for i in range(n)]
-    log(f"shitu {spec}: building {n:,} (M={connectivity}, ef_add={expansion_add or 'default'})")
+    log(f"shitu {spec}: building {n:,} (M={connectivity or 'default'}, ef_add={expansion_add or 'default'})")
     built, build_s, build_cpu = timed(
         lambda: build_index(
             gallery,
@@ -381,7 +381,7 @@ def shitu_contender(
         build_s,
         build_cpu,
         files,
-        f"M={connectivity}, ef_add={index.info['expansion_add']}",
+        f"M={index.info['connectivity']}, ef_add={index.info['expansion_add']}",
         f"--dtype {spec}" if dtype == "auto" else "",
         n,
     )
@@ -504,7 +504,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000, help="gallery vectors")
     parser.add_argument("--queries", type=int, default=1_000)
     parser.add_argument("--shitu", nargs="*", default=["auto", "f32"], help="shitu storages (see shitu_contender)")
-    parser.add_argument("--connectivity", type=int, default=16, help="HNSW M of shitu's indexes")
+    parser.add_argument("--connectivity", type=int, help="HNSW M of shitu's indexes (default: shitu's)")
     parser.add_argument("--faiss-m", type=int, default=32, help="faiss HNSW M")
     parser.add_argument("--faiss-ef-construction", type=int, default=40, help="faiss efConstruction")
     parser.add_argument("--ef", type=int, nargs="+", default=[16, 24, 32, 48, 64, 96, 128], help="efSearch values")
