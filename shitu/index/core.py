@@ -226,7 +226,7 @@ def choose_storage(dtype: str, rescore: int | None, count: int) -> tuple[str, in
 
     The rule of ``auto``: under :data:`AUTO_COMPACT_FROM` vectors f32 without re-scoring (a 512-dim f32
     graph of 100,000 vectors takes about 0.2 GiB); from there i8 with :data:`DEFAULT_RESCORE` candidates
-    re-scored against float16 vectors (at 1M × 512: 1.6 GiB of files instead of 2.1 GiB, 2× faster to build and
+    re-scored against float16 vectors (at 1M × 512: about 1.7 GiB of files instead of 2.1 GiB, 2× faster to build and
     1.2-1.4× faster to search than f32 at the same recall; benchmarks/RESULTS.md). An explicit dtype keeps its
     choice: re-scoring defaults to on for i8 and bf16, off otherwise.
     """
@@ -895,7 +895,9 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
     """Read the index folder at ``path``, checking the files' checksums and that they agree with each other.
 
     With ``recognizer_info`` (a ``Recognizer.describe()``), also check that its features are comparable
-    with the stored ones. Every problem is a ShituError naming the file concerned.
+    with the stored ones. Every problem is a ShituError naming the file concerned. The graph is read into memory
+    once (checksummed there) and searched as a read-only usearch view of those bytes; the first add or remove
+    makes usearch copy it into memory of its own.
     """
     from shitu.fileio import recover_directory
 
