@@ -64,9 +64,10 @@ DEFAULT_RESCORE = 20
 #: HNSW efConstruction of a re-scored graph when none is given: usearch's own default (128) builds about 1.6x
 #: slower at 1M; 40 (faiss's default) lost recall@1 on harder low-dimensional clusters (tests/test_index_storage.py).
 RESCORED_EXPANSION_ADD = 64
-#: HNSW M (usearch connectivity) of a re-scored graph when none is given. Measured on 500,000 × 512 clustered
-#: vectors (benchmarks/RESULTS.md, 2026-12-06 11:00 UTC): M 24 reaches recall@1 0.99 at ef 32 where usearch's
-#: default 16 needs ef 48, for 1.19x the batch-1,000 and 1.13x the batch-1 QPS, at 1.25x the build CPU time.
+#: HNSW M (usearch connectivity) of a re-scored graph when none is given. On 500,000 × 512 clustered vectors
+#: (benchmarks/RESULTS.md, 2026-12-06) M 24 reached recall@1 0.99 at ef 32 where usearch's default 16 needed 48:
+#: 1.19x the batch-1,000 and 1.13x the batch-1 QPS for 1.25x the build CPU time. At 1M: ef 32-40, 1.2-1.3x faiss
+#: HNSW's (M 32, efConstruction 40) batch-1,000 QPS, level at batch 1, 1.6x its build CPU time.
 RESCORED_CONNECTIVITY = 24
 METRICS = ("cos",)
 
