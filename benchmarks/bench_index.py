@@ -224,6 +224,7 @@ class Contender:
     rss_before: int | None = None  # shitu: resident bytes before opening the index (memory = growth after sweep)
     # Other ways to search the same index, measured at the chosen ef only: (row name, queries [B, D], k -> ids).
     variants: list[tuple[str, Callable[[np.ndarray, int], np.ndarray]]] = field(default_factory=list)
+    saved: Path | None = None  # shitu: the saved index folder
 
 
 def faiss_contender(gallery: np.ndarray, args: argparse.Namespace) -> Contender:
@@ -258,26 +259,97 @@ def faiss_contender(gallery: np.ndarray, args: argparse.Namespace) -> Contender:
     )
 
 
+def shitu_contenders(
+    gallery: np.ndarray, spec: str, args: argparse.Namespace, folder: Path, report: Report
+) -> list[Contender]:
+    """``shitu.index`` with the storage ``spec`` (``DTYPE[:rescore=N[/N2...]][:ef_add=E][:m=M]``, DTYPE auto,
+    f32, f16, bf16 or i8): built in memory, saved, dropped, and opened again from disk (re-scoring vectors
+    memory-mapped), as a service would; the memory is the resident growth from opening it and answering the ef
+    sweep. Several re-scoring counts (``rescore=20/32/48``) share one build: the saved index is opened once per
+    count (each after the previous one's sweep, so the memory of the later ones is what their opening added)."""
+    dtype, *options = spec.split(":")
+    settings = dict(option.split("=", 1) for option in options)
+    counts = [int(r) for r in settings["rescore"].split("/")] if "rescore" in settings else [None]
+    built_spec = ":".join(
+        [dtype, *(f"{key}={value}" for key, value in settings.items() if key != "rescore")]
+        + ([f"rescore={counts[0]}"] if counts[0] is not None else [])
+    )
+    first = shitu_contender(gallery, built_spec, args, folder, report)
+    contenders = [first]
+    for count in counts[1:]:
+        contenders.append(_reopened(first, count, f"{dtype}:rescore={count}", args))
+    return contenders
+
+
+def _reopened(first: Contender, rescore: int, spec: str, args: argparse.Namespace) -> Contender:
+    """The index ``first`` saved, opened again with ``rescore`` candidates re-scored per query (a search-time
+    setting: the graph and the float16 vectors are the same; index.json's count is overridden in memory)."""
+    from shitu.index import open_index
+
+    assert first.saved is not None
+    before = rss_bytes()
+    index = open_index(first.saved)
+    if not index.rescore:
+        raise SystemExit(f"{spec}: re-scoring counts need a re-scored storage")
+    index._info["rescore"] = rescore  # benchmark only: the same files searched with another candidate count
+    contender = _searching(index, first.build_s, first.build_cpu_s, first.files_gib, first.params, "", first.n)
+    contender.rss_before = before
+    return contender
+
+
+def _searching(
+    index: Any, build_s: float, build_cpu_s: float, files: float | None, params: str, note: str, n: int
+) -> Contender:
+    """A contender searching the opened shitu ``index`` through ``search_arrays``, with the ``search`` (Hit
+    lists) and graph-alone variants."""
+    from shitu.index.core import _graph_rows
+
+    contender = Contender(
+        "shitu",
+        f"{index.dtype}" + (f" + re-score {index.rescore} (f16)" if index.rescore else ""),
+        params,
+        lambda ef: setattr(index, "expansion_search", ef),
+        lambda q, k: index.search_arrays(q, k)[0].astype(np.int64),
+        lambda threads: None,  # usearch: threads=0, every core for a batch; one query runs on one thread
+        build_s,
+        build_cpu_s,
+        0.0,
+        files,
+        note=note,
+        n=n,
+    )
+
+    def hits(q: np.ndarray, k: int) -> np.ndarray:
+        return np.asarray([[hit.key for hit in row] for row in index.search(q, k)], dtype=np.int64)
+
+    def graph_alone(q: np.ndarray, k: int) -> np.ndarray:
+        threads = 1 if len(q) == 1 else 0
+        candidates = max(k, index.rescore)  # what the graph hands to re-scoring
+        keys = np.atleast_2d(index._index.search(_graph_rows(q, index.dtype), candidates, threads=threads).keys)
+        return keys[:, :k].astype(np.int64)
+
+    contender.variants = [("via search() (Hit lists)", hits), ("usearch graph alone (no re-scoring)", graph_alone)]
+    return contender
+
+
 def shitu_contender(
     gallery: np.ndarray, spec: str, args: argparse.Namespace, folder: Path, report: Report
 ) -> Contender:
-    """``shitu.index`` with the storage ``spec`` (``DTYPE[:rescore=N][:ef_add=E][:m=M]``, DTYPE auto, f32, f16,
-    bf16 or i8): built in memory, saved, dropped, and opened again from disk (re-scoring vectors memory-mapped),
-    as a service would; the memory is the resident growth from opening it and answering the ef sweep."""
+    """``shitu.index`` with the storage ``spec`` (``DTYPE[:rescore=N][:ef_add=E][:m=M]``): see
+    :func:`shitu_contenders`."""
     import gc
 
     from shitu.index import build_index, open_index
-    from shitu.index.core import _graph_rows
 
     dtype, *options = spec.split(":")
     settings = dict(option.split("=", 1) for option in options)
     rescore = int(settings["rescore"]) if "rescore" in settings else None
     expansion_add = int(settings["ef_add"]) if "ef_add" in settings else None  # None: shitu's default
-    connectivity = int(settings.get("m", args.connectivity))
+    connectivity = int(settings["m"]) if "m" in settings else args.connectivity  # None: shitu's default
     n = len(gallery)
     labels = (np.arange(n) // PER_CLUSTER).tolist()
     paths = [f"images/{i}.jpg" for i in range(n)]
-    log(f"shitu {spec}: building {n:,} (M={connectivity}, ef_add={expansion_add or 'default'})")
+    log(f"shitu {spec}: building {n:,} (M={connectivity or 'default'}, ef_add={expansion_add or 'default'})")
     built, build_s, build_cpu = timed(
         lambda: build_index(
             gallery,
@@ -304,32 +376,17 @@ def shitu_contender(
     index, open_s, _ = timed(lambda: open_index(target))
     log(f"shitu {spec}: saved {files:.2f} GiB in {save_s:.1f} s, opened (checksums verified) in {open_s:.1f} s")
     report.extra.setdefault("shitu_open_s", {})[spec] = round(open_s, 1)
-    contender = Contender(
-        "shitu",
-        f"{index.dtype}" + (f" + re-score {index.rescore} (f16)" if index.rescore else ""),
-        f"M={connectivity}, ef_add={index.info['expansion_add']}",
-        lambda ef: setattr(index, "expansion_search", ef),
-        lambda q, k: index.search_arrays(q, k)[0].astype(np.int64),
-        lambda threads: None,  # usearch: threads=0, every core for a batch; one query runs on one thread
+    contender = _searching(
+        index,
         build_s,
         build_cpu,
-        0.0,
         files,
-        note=f"--dtype {spec}" if dtype == "auto" else "",
-        n=n,
+        f"M={index.info['connectivity']}, ef_add={index.info['expansion_add']}",
+        f"--dtype {spec}" if dtype == "auto" else "",
+        n,
     )
     contender.rss_before = before
-
-    def hits(q: np.ndarray, k: int) -> np.ndarray:
-        return np.asarray([[hit.key for hit in row] for row in index.search(q, k)], dtype=np.int64)
-
-    def graph_alone(q: np.ndarray, k: int) -> np.ndarray:
-        threads = 1 if len(q) == 1 else 0
-        candidates = max(k, index.rescore)  # what the graph hands to re-scoring
-        keys = np.atleast_2d(index._index.search(_graph_rows(q, index.dtype), candidates, threads=threads).keys)
-        return keys[:, :k].astype(np.int64)
-
-    contender.variants = [("via search() (Hit lists)", hits), ("usearch graph alone (no re-scoring)", graph_alone)]
+    contender.saved = target
     return contender
 
 
@@ -370,7 +427,7 @@ def timed_rounds(
             if contender.ef is None:
                 continue
             contender.set_ef(contender.ef)
-            ways = [(contender.name, contender.search), *contender.variants]
+            ways = [(contender.name, contender.search), *(contender.variants if args.variants else [])]
             for j, (name, search) in enumerate(ways):
                 contender.batch_threads(args.threads)
                 found, wall, _ = timed(lambda s=search: s(queries, 10))
@@ -447,7 +504,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000, help="gallery vectors")
     parser.add_argument("--queries", type=int, default=1_000)
     parser.add_argument("--shitu", nargs="*", default=["auto", "f32"], help="shitu storages (see shitu_contender)")
-    parser.add_argument("--connectivity", type=int, default=16, help="HNSW M of shitu's indexes")
+    parser.add_argument("--connectivity", type=int, help="HNSW M of shitu's indexes (default: shitu's)")
     parser.add_argument("--faiss-m", type=int, default=32, help="faiss HNSW M")
     parser.add_argument("--faiss-ef-construction", type=int, default=40, help="faiss efConstruction")
     parser.add_argument("--ef", type=int, nargs="+", default=[16, 24, 32, 48, 64, 96, 128], help="efSearch values")
@@ -456,6 +513,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved QPS rounds (best kept)")
     parser.add_argument("--batch1-seconds", type=float, default=5.0)
     parser.add_argument("--skip-faiss", action="store_true")
+    parser.add_argument(
+        "--no-variants",
+        dest="variants",
+        action="store_false",
+        help="time only search_arrays (not the Hit-list and graph-alone rows) at the chosen ef",
+    )
     parser.add_argument("--flat", action="store_true", help="also faiss IndexFlatIP (exact search)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -488,10 +551,11 @@ def main() -> None:
             report.rows.extend(contenders[-1].rows)
             flush()
         for spec in args.shitu:
-            contenders.append(shitu_contender(gallery, spec, args, Path(tmp), report))
-            sweep(contenders[-1], queries, truth, args)
-            report.rows.extend(contenders[-1].rows)
-            flush()
+            for contender in shitu_contenders(gallery, spec, args, Path(tmp), report):
+                contenders.append(contender)
+                sweep(contender, queries, truth, args)
+                report.rows.extend(contender.rows)
+                flush()
         timed_rounds(contenders, queries, truth, args, report)
         flush()
         del contenders

@@ -28,8 +28,9 @@ def test_i8_graph_with_rescoring_finds_the_exact_top1_with_exact_scores(tmp_path
     hits = index.search(queries, k=5)
     top1 = np.array([row[0].key for row in hits])
     assert index.info["expansion_add"] == core.RESCORED_EXPANSION_ADD
+    assert index.info["connectivity"] == core.RESCORED_CONNECTIVITY
     f32 = build_index(x, labels.tolist(), ["p"] * len(x), output=None, recognizer_info=None, dtype="f32",
-                      expansion_add=core.RESCORED_EXPANSION_ADD)  # fmt: skip
+                      connectivity=core.RESCORED_CONNECTIVITY, expansion_add=core.RESCORED_EXPANSION_ADD)  # fmt: skip
     f32_top1 = np.array([row[0].key for row in f32.search(queries, k=5)])
     # as good as the f32 graph built alike (whose walk misses a few on these 32-dim clusters; builds on several
     # threads vary a little), and the exact top-1 for at least 95 %
@@ -96,8 +97,19 @@ def test_add_remove_save_open_round_trip_keeps_the_rescoring_vectors_in_step(tmp
     for removed in (3, 10, 20):  # a removed vector's query finds something else, never the removed key
         assert reopened.search(x[removed], k=3)[0][0].key != removed
     assert reopened.search(x[450], k=1)[0][0].key == 450 and reopened.search(x[450], k=1)[0][0].score > 0.999
-    # changes after open (the mapped file is read-only) and a second save
+    # changes after open (the mapped file is read-only; the graph searched is a view of index.usearch's bytes,
+    # which the first change copies into usearch's own memory, settings included) and a second save
+    assert reopened._graph_buffer is not None
+    reopened.expansion_search = 37
+    before = reopened.search_arrays(x[:50], k=5)
     reopened.remove([450])
+    assert reopened._graph_buffer is None and reopened.expansion_search == 37
+    assert reopened._index.connectivity == doc["connectivity"] == core.RESCORED_CONNECTIVITY
+    after = reopened.search_arrays(x[:50], k=5)
+    untouched = ~(before[0] == 450).any(axis=1)  # the rows that did not find the removed item
+    assert untouched.sum() >= 40
+    np.testing.assert_array_equal(before[0][untouched], after[0][untouched])
+    np.testing.assert_array_equal(before[1][untouched], after[1][untouched])
     reopened.add(x[:1], [7], ["again.jpg"])
     reopened.save()
     again = open_index(out)

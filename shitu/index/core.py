@@ -64,6 +64,11 @@ DEFAULT_RESCORE = 20
 #: HNSW efConstruction of a re-scored graph when none is given: usearch's own default (128) builds about 1.6x
 #: slower at 1M; 40 (faiss's default) lost recall@1 on harder low-dimensional clusters (tests/test_index_storage.py).
 RESCORED_EXPANSION_ADD = 64
+#: HNSW M (usearch connectivity) of a re-scored graph when none is given. On 500,000 × 512 clustered vectors
+#: (benchmarks/RESULTS.md, 2026-12-06) M 24 reached recall@1 0.99 at ef 32 where usearch's default 16 needed 48:
+#: 1.19x the batch-1,000 and 1.13x the batch-1 QPS for 1.25x the build CPU time. At 1M: ef 32-40, 1.2-1.3x faiss
+#: HNSW's (M 32, efConstruction 40) batch-1,000 QPS, level at batch 1, 1.6x its build CPU time.
+RESCORED_CONNECTIVITY = 24
 METRICS = ("cos",)
 
 
@@ -222,7 +227,7 @@ def choose_storage(dtype: str, rescore: int | None, count: int) -> tuple[str, in
 
     The rule of ``auto``: under :data:`AUTO_COMPACT_FROM` vectors f32 without re-scoring (a 512-dim f32
     graph of 100,000 vectors takes about 0.2 GiB); from there i8 with :data:`DEFAULT_RESCORE` candidates
-    re-scored against float16 vectors (at 1M × 512: 1.6 GiB of files instead of 2.1 GiB, 2× faster to build and
+    re-scored against float16 vectors (at 1M × 512: about 1.7 GiB of files instead of 2.1 GiB, 2× faster to build and
     1.2-1.4× faster to search than f32 at the same recall; benchmarks/RESULTS.md). An explicit dtype keeps its
     choice: re-scoring defaults to on for i8 and bf16, off otherwise.
     """
@@ -272,8 +277,12 @@ class RetrievalIndex:
         info: Mapping[str, Any],
         path: Path | None,
         rescore_vectors: np.ndarray | None = None,
+        graph_buffer: np.ndarray | None = None,
     ):
         self._index = usearch_index
+        # The bytes of index.usearch that ``usearch_index`` is a read-only view of (see open_index), or None when
+        # usearch owns its memory. A change first makes usearch copy the graph into its own memory (_mutable).
+        self._graph_buffer = graph_buffer
         self._items: dict[int, Item] = dict(items)
         self._info: dict[str, Any] = dict(info)
         self.path = path
@@ -513,6 +522,7 @@ class RetrievalIndex:
         start = int(self._info.get("next_key", 0))
         keys = np.arange(start, start + len(matrix), dtype=np.uint64)
         unit = _unit_rows(matrix)
+        self._mutable()
         self._index.add(keys, _graph_rows(unit, self.dtype))  # threads=0: on every core
         if self._vectors is not None:  # new keys are above all stored ones, so rows stay in key order
             self._vectors = np.concatenate([self._vectors, unit.astype(np.float16)])
@@ -560,6 +570,7 @@ class RetrievalIndex:
         """Remove the items named by keys or paths (see :meth:`keys_for`); all or nothing. Returns them."""
         keys = self.keys_for(keys_or_paths)
         if keys:
+            self._mutable()
             self._index.remove(np.asarray(keys, dtype=np.uint64))
             if self._vectors is not None:
                 kept = ~np.isin(self._row_keys, np.asarray(keys, dtype=np.uint64))
@@ -568,6 +579,18 @@ class RetrievalIndex:
         self._info["count"] = len(self)
         self._label_counts = None
         return removed
+
+    def _mutable(self) -> None:
+        """Make the graph changeable: an opened index searches a read-only view of index.usearch's bytes, which
+        usearch copies into memory of its own here (once, before the first change)."""
+        if self._graph_buffer is None:
+            return
+        from usearch.index import Index
+
+        copy = Index.restore(memoryview(self._graph_buffer), view=False)
+        copy.expansion_add = self._index.expansion_add
+        copy.expansion_search = self._index.expansion_search
+        self._index, self._graph_buffer = copy, None
 
     # -- persistence --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str] | None = None, *, overwrite: bool = False) -> Path:
@@ -695,7 +718,8 @@ def build_index(
     ``rescore`` the candidates re-scored exactly per query (None: the dtype's default; see
     :func:`choose_storage`, whose reason is kept in index.json as ``storage``); ``metric`` must be ``cos``.
     ``connectivity`` (HNSW M), ``expansion_add`` (efConstruction) and ``expansion_search`` (ef) default to
-    usearch's (16, 128, 64), except efConstruction :data:`RESCORED_EXPANSION_ADD` with re-scoring. An
+    usearch's (16, 128, 64), except M :data:`RESCORED_CONNECTIVITY` and efConstruction
+    :data:`RESCORED_EXPANSION_ADD` with re-scoring (an index keeps its own in index.json). An
     existing index at ``output`` is replaced only with ``overwrite``.
     """
     if metric not in METRICS:
@@ -710,6 +734,8 @@ def build_index(
     dtype, rescore, storage = choose_storage(dtype, rescore, len(matrix))
     if expansion_add is None and rescore:
         expansion_add = RESCORED_EXPANSION_ADD
+    if connectivity is None and rescore:
+        connectivity = RESCORED_CONNECTIVITY
     if output is not None:
         check_replaceable(Path(output).absolute(), overwrite=overwrite)  # fail before the (long) build
     usearch_index = _new_usearch(matrix.shape[1], dtype, connectivity, expansion_add)
@@ -851,6 +877,15 @@ def _read_vectors(file: Path, count: int, dim: int) -> np.ndarray:
     return vectors
 
 
+def _read_graph(file: Path) -> np.ndarray:
+    """index.usearch's bytes in a numpy array (large numpy arrays get transparent huge pages where the kernel
+    offers them on request)."""
+    try:
+        return np.fromfile(file, dtype=np.uint8)
+    except OSError as exc:
+        raise ShituError(f"unreadable: {exc}", path=file) from None
+
+
 def _missing_index_hint(folder: Path) -> str | None:
     """Where an interrupted save left the previous index, if it did."""
     leftovers = sorted(folder.parent.glob(f".{folder.name}.*.old/{folder.name}")) if folder.parent.is_dir() else []
@@ -861,7 +896,9 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
     """Read the index folder at ``path``, checking the files' checksums and that they agree with each other.
 
     With ``recognizer_info`` (a ``Recognizer.describe()``), also check that its features are comparable
-    with the stored ones. Every problem is a ShituError naming the file concerned.
+    with the stored ones. Every problem is a ShituError naming the file concerned. The graph is read into memory
+    once (checksummed there) and searched as a read-only usearch view of those bytes; the first add or remove
+    makes usearch copy it into memory of its own.
     """
     from shitu.fileio import recover_directory
 
@@ -881,12 +918,18 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
         from shitu.index.decision import DecisionRule
 
         DecisionRule.from_json(info["decision"], path=info_file)
+    graph = np.zeros(0, np.uint8)
     for name in _data_files(info.get("rescore", 0)):
         file = folder / name
         if not file.is_file():
             why = "not a regular file" if file.exists() or file.is_symlink() else "missing from the index folder"
             raise ShituError(why, path=file)
-        if _sha256(file) != info["files"][name]["sha256"]:
+        if name == INDEX_FILE:
+            graph = _read_graph(file)
+            digest = hashlib.sha256(graph).hexdigest()
+        else:
+            digest = _sha256(file)
+        if digest != info["files"][name]["sha256"]:
             raise ShituError(
                 "checksum mismatch: the file is damaged or was changed outside shitu",
                 path=file,
@@ -896,7 +939,11 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
     from usearch.index import Index
 
     try:
-        usearch_index = Index.restore(os.fspath(folder / INDEX_FILE), view=False)
+        # A view of the bytes read (usearch checks that they hold a whole index), not usearch's own load: numpy
+        # asks the kernel for transparent huge pages for large arrays (madvise), usearch's allocations do not,
+        # and the graph walk's random reads then miss the TLB far less. Measured on a 200,000 × 512 i8 graph:
+        # 186 instead of 236 µs per single-query search, 100 instead of 132 µs per query in a 1,000-query batch.
+        usearch_index = Index.restore(memoryview(graph), view=True)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ShituError(f"cannot read the usearch index: {exc}", path=folder / INDEX_FILE) from None
     if usearch_index is None:
@@ -929,7 +976,7 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
     if isinstance(info.get("expansion_add"), int) and info["expansion_add"] > 0:
         usearch_index.expansion_add = info["expansion_add"]
     vectors = _read_vectors(folder / VECTORS_FILE, len(items), info["dim"]) if info.get("rescore") else None
-    index = RetrievalIndex(usearch_index, items, info, folder.absolute(), rescore_vectors=vectors)
+    index = RetrievalIndex(usearch_index, items, info, folder.absolute(), rescore_vectors=vectors, graph_buffer=graph)
     index._on_disk = info_digest
     if recognizer_info is not None:
         index.check_recognizer(recognizer_info)
