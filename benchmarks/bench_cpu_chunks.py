@@ -88,26 +88,15 @@ def main() -> None:
             step = chunked.chunk_size(size, size)
             report(f"JAX, {size} px, batch {batch} (default: chunks of {step})", rates, "one call per batch")
 
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    from shitu.export.backends import OnnxRuntimeForward, cpu_threads, exported_onnx, installed
+
+    if not installed("onnxruntime"):
         print("\nONNX Runtime not installed: no ONNX Runtime rows")
         return
-    from shitu.export.backends import cpu_threads, exported_onnx
-
-    graph = str(exported_onnx(recognizer))
-
-    def session(threads: int) -> Callable[[np.ndarray], object]:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        run = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"]).run
-        name = "images"
-        return lambda images: run(None, {name: images})
-
+    graph = exported_onnx(recognizer)
     cores = cpu_threads()
-    every_core, one_thread = session(cores), session(1)
-    singles = [session(1) for _ in range(cores)]
+    every_core, one_thread = OnnxRuntimeForward(graph, threads=cores), OnnxRuntimeForward(graph, threads=1)
+    singles = [OnnxRuntimeForward(graph, threads=1) for _ in range(cores)]
     pool = ThreadPoolExecutor(cores)
 
     def split(images: np.ndarray) -> object:

@@ -320,7 +320,7 @@ def main() -> None:
                 continue
             if source == "paddle":
                 name = f"Paddle Inference {result['paddle']} (oneDNN)"
-            result["best_s"] = {int(k): v for k, v in result["best_s"].items()}
+            result["best_s"] = {int(k): v for k, v in result["best_s"].items()}  # JSON made the keys strings
             if name in rows:
                 kept = rows[name]
                 kept["best_s"] = {b: min(kept["best_s"][b], result["best_s"][b]) for b in kept["best_s"]}
@@ -328,8 +328,6 @@ def main() -> None:
             else:
                 rows[name] = result
 
-    for row in rows.values():  # JSON made the batch keys strings
-        row["best_s"] = {int(k): v for k, v in row["best_s"].items()}
     reference = rows.get("shitu JAX fp32", {}).get("features")
     peer = rows.get(PEER, {}).get("best_s", {})
     print()
