@@ -137,20 +137,90 @@ def test_auto_rule_by_gallery_size_is_recorded(tmp_path, monkeypatch):
     assert large.info["storage"] == "auto: 200 vectors ≥ 100 → i8 graph, 20 candidates re-scored with float16 vectors"
 
 
-def test_index_written_before_storage_settings_still_opens(tmp_path):
-    x, labels = _clustered(300)
+def _write_version1_index(out, x: np.ndarray, dtype: str) -> None:
+    """An index folder as format version 1 wrote it: a cosine graph (i8 rows each scaled to a ±127 peak), no
+    rescore/storage/graph_metric fields."""
+    import hashlib
+
+    from usearch.index import Index
+
+    out.mkdir()
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    graph = Index(ndim=x.shape[1], metric="cos", dtype=dtype)
+    graph.add(np.arange(len(x)), core._graph_rows(unit.astype(np.float32), dtype))
+    graph.save(str(out / core.INDEX_FILE))
+    lines = (json.dumps({"key": i, "label": 0, "path": "p"}) + "\n" for i in range(len(x)))
+    (out / core.ITEMS_FILE).write_text("".join(lines))
+    files = {
+        name: {"sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()}
+        for name in (core.INDEX_FILE, core.ITEMS_FILE)
+    }
+    doc = {"format": core.FORMAT, "format_version": 1, "dim": x.shape[1], "dtype": dtype, "metric": "cos",
+           "count": len(x), "next_key": len(x), "files": files, "recognizer": {}}  # fmt: skip
+    (out / core.INFO_FILE).write_text(json.dumps(doc))
+
+
+def test_index_of_format_version_1_still_opens_searches_and_changes(tmp_path):
+    x, _ = _clustered(300)
+    queries, _ = _clustered(50, seed=3)
+    want, _ = numpy_topk(x, queries, 1)
     for dtype in ("f32", "i8"):
         out = tmp_path / dtype
-        build_index(x, labels.tolist(), ["p"] * 300, output=out, recognizer_info=None, dtype=dtype, rescore=0)
-        doc = json.loads((out / "index.json").read_text())
-        del doc["rescore"], doc["storage"]
-        (out / "index.json").write_text(json.dumps(doc))
+        _write_version1_index(out, x, dtype)
         old = open_index(out)
-        assert (old.dtype, old.rescore, old.info["format_version"]) == (dtype, 0, 1)
+        assert (old.dtype, old.rescore, old.info["format_version"], old.graph_metric) == (dtype, 0, 1, "cos")
         assert old.search(x[5], k=1)[0][0].key == 5
-        old.add(x[:2], [0, 0], ["a", "b"])
+        top1 = np.array([row[0].key for row in old.search(queries, k=1)])
+        assert (top1 == want[:, 0]).mean() >= 0.95
+        score = old.search(x[7], k=1)[0][0].score
+        assert score == pytest.approx(1.0, abs=0.01 if dtype == "i8" else 1e-5)
+        old.add(x[:2] * 3.0, [0, 0], ["a", "b"])  # added as a cosine graph's rows (per-row i8 scale)
         old.save()
-        assert len(open_index(out)) == 302
+        again = open_index(out)
+        assert len(again) == 302 and again.info["format_version"] == 1 and "graph_metric" not in again.info
+        assert {hit.key for hit in again.search(x[0], k=2)[0]} == {0, 300}
+
+
+def test_new_indexes_compare_by_inner_product_with_one_i8_scale(tmp_path):
+    x, _ = _clustered(400)
+    for dtype in ("f32", "i8"):
+        built = build_index(x, [0] * 400, ["p"] * 400, output=tmp_path / dtype, recognizer_info=None, dtype=dtype,
+                            rescore=0)  # fmt: skip
+        index = open_index(tmp_path / dtype)
+        assert (index.info["format_version"], index.graph_metric) == (core.FORMAT_VERSION, "ip")
+        assert str(index._index.metric).endswith("IP")
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+        if dtype == "i8":
+            assert index.info["graph_scale"] == pytest.approx(127.0 / np.abs(unit).max(), rel=1e-6)
+        # scores are cosines although the graph's inner products are scaled (i8) and the queries are not unit
+        keys, scores, _ = index.search_arrays(x[:20] * 5.0, k=3)
+        exact = np.take_along_axis(unit[:20] @ unit.T, keys.astype(np.int64), axis=1)
+        np.testing.assert_allclose(scores, exact, atol=0.02 if dtype == "i8" else 1e-5)
+        assert (keys[:, 0] == np.arange(20)).all() and built.graph_metric == "ip"
+        # a row with a larger component than any built one is clipped, not wrapped around
+        spike = np.zeros((1, x.shape[1]), np.float32)
+        spike[0, 3] = 1.0
+        index.add(spike, [1], ["spike"])
+        assert index.search(spike, k=1)[0][0].path == "spike"
+
+
+def test_graph_metric_and_scale_in_index_json_are_checked(tmp_path):
+    x, _ = _clustered(100)
+    out = tmp_path / "i"
+    build_index(x, [0] * 100, ["p"] * 100, output=out, recognizer_info=None, dtype="i8", rescore=0)
+    original = (out / core.INFO_FILE).read_text()
+    for change, message in [
+        ({"graph_metric": "l2"}, "'graph_metric' must be one of cos, ip"),
+        ({"graph_scale": -1.0}, "'graph_scale' must be a positive number"),
+        ({"graph_scale": None}, "needs its 'graph_scale'"),
+        ({"graph_metric": "cos"}, "metric cos, but index.usearch holds .* metric ip"),
+        ({"format_version": 3}, "format version 3 is not supported .this shitu reads 1 and 2"),
+    ]:
+        doc = json.loads(original)
+        doc.update(change)
+        (out / core.INFO_FILE).write_text(json.dumps(doc))
+        with pytest.raises(ShituError, match=message):
+            open_index(out)
 
 
 def test_damaged_or_missing_rescoring_vectors_are_one_error_naming_the_file(tmp_path):

@@ -3,16 +3,24 @@
 Layout of an index folder::
 
     INDEX_DIR/
-      index.usearch   the usearch HNSW graph (cosine metric; vectors stored as f32, f16, bf16 or i8), keyed by
-                      integer keys
+      index.usearch   the usearch HNSW graph (vectors stored as f32, f16, bf16 or i8; compared by inner product,
+                      or by cosine in indexes of format version 1), keyed by integer keys
       items.jsonl     one line per vector: {"key": int, "label": int, "path": str}, in key order
       vectors.npy     only with re-scoring: the unit vectors as float16 [count, dim], one row per item in key
                       order (memory-mapped on open)
-      index.json      format name and version, dim, dtype, rescore, metric, count, the recognizer it was built
-                      with, HNSW parameters, how the storage was chosen, versions, and the SHA-256 of the files
+      index.json      format name and version, dim, dtype, rescore, metric, graph_metric (and graph_scale for
+                      i8), count, the recognizer it was built with, HNSW parameters, how the storage was chosen,
+                      versions, and the SHA-256 of the files
 
-Storage (``dtype``, see :func:`choose_storage`): the graph's vectors as f32, f16, bf16 or i8 (i8: each vector
-scaled so its largest component is ±127, which cosine does not see). With ``rescore`` N > 0 a search takes
+Storage (``dtype``, see :func:`choose_storage`): the graph's vectors as f32, f16, bf16 or i8. The graph holds unit
+rows and compares them by inner product (``graph_metric`` ``ip``), which equals their cosine without computing
+two norms per comparison: at 100,000 × 512, an i8 graph built 1.8× and a bf16 graph 1.2× faster than with usearch's
+cosine, and single queries walked it faster (benchmarks/RESULTS.md). i8 rows are the unit rows times one common
+``graph_scale`` (127 over the largest component of the vectors the index was built with; later rows are clipped
+to ±127), so that inner products between stored rows keep their order; a query is scaled by its own largest
+component (its scale does not change the order) and its scores divided by both scales. Indexes of format
+version 1 compare by cosine (``graph_metric`` ``cos``), with each i8 row scaled so its largest component is ±127;
+they open and search as before. With ``rescore`` N > 0 a search takes
 max(k, N) candidates from the graph and orders them by their exact cosine with the float16 copy in
 vectors.npy, so the scores are the cosine of the stored float16 vectors whatever the graph's dtype. ``auto``
 picks f32 without re-scoring for galleries under :data:`AUTO_COMPACT_FROM` vectors (memory is small) and
@@ -25,7 +33,7 @@ the same index is refused.
 :func:`open_index` checks the checksums and that the three files agree, and turns anything wrong into one
 :class:`~shitu.errors.ShituError` that names the file.
 
-Scores are cosine similarities (``1 - usearch's cosine distance``): larger is closer, 1 for the same direction.
+Scores are cosine similarities: larger is closer, 1 for the same direction.
 :meth:`RetrievalIndex.search_arrays` answers with arrays (keys, scores, counts), :meth:`RetrievalIndex.search`
 with :class:`Hit` lists built from them.
 """
@@ -52,7 +60,9 @@ INDEX_FILE = "index.usearch"
 ITEMS_FILE = "items.jsonl"
 INFO_FILE = "index.json"
 FORMAT = "shitu-retrieval-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Format versions :func:`open_index` reads: 1 (graph compared by cosine, no graph_metric field) and 2.
+READABLE_FORMAT_VERSIONS = (1, 2)
 VECTORS_FILE = "vectors.npy"
 DTYPES = ("f32", "f16", "bf16", "i8")
 #: What ``dtype="auto"`` may become; see :func:`choose_storage`.
@@ -61,15 +71,19 @@ STORAGES = ("auto", *DTYPES)
 AUTO_COMPACT_FROM = 100_000
 #: Candidates re-scored per query when a compact graph is chosen without saying how many.
 DEFAULT_RESCORE = 20
-#: HNSW efConstruction of a re-scored graph when none is given: usearch's own default (128) builds about 1.6x
-#: slower at 1M; 40 (faiss's default) lost recall@1 on harder low-dimensional clusters (tests/test_index_storage.py).
-RESCORED_EXPANSION_ADD = 64
-#: HNSW M (usearch connectivity) of a re-scored graph when none is given. On 500,000 × 512 clustered vectors
-#: (benchmarks/RESULTS.md, 2026-12-06) M 24 reached recall@1 0.99 at ef 32 where usearch's default 16 needed 48:
-#: 1.19x the batch-1,000 and 1.13x the batch-1 QPS for 1.25x the build CPU time. At 1M: ef 32-40, 1.2-1.3x faiss
-#: HNSW's (M 32, efConstruction 40) batch-1,000 QPS, level at batch 1, 1.6x its build CPU time.
-RESCORED_CONNECTIVITY = 24
+#: HNSW shape of a re-scored graph when none is given: M (usearch connectivity) 20, efConstruction 48, ef 96.
+#: Chosen at 1M × 512 clustered vectors against faiss HNSW (M 32, efConstruction 40) on the inner-product i8
+#: graph (benchmarks/RESULTS.md, 2026-12-06 13:04-13:36): M 20 / efConstruction 48 built in 0.80x faiss's time
+#: and reached recall@1 0.99 at ef 72 with 1.56x its batch-1,000 and 1.27x its batch-1 QPS; M 24 /
+#: efConstruction 64 searched as fast but built in 1.11x faiss's time; efConstruction 40 never reached 0.99 by
+#: ef 128, and M 16 needed ef 128 at efConstruction 48. ef 96 leaves room above the 72 that one build needed
+#: (builds on several threads differ). usearch's own defaults are M 16, efConstruction 128, ef 64.
+RESCORED_CONNECTIVITY = 20
+RESCORED_EXPANSION_ADD = 48
+RESCORED_EXPANSION_SEARCH = 96
 METRICS = ("cos",)
+#: How the usearch graph compares its rows: new indexes use "ip" (see the module docstring), version 1 ones "cos".
+GRAPH_METRICS = ("cos", "ip")
 
 
 def _data_files(rescore: int) -> tuple[str, ...]:
@@ -247,20 +261,32 @@ def choose_storage(dtype: str, rescore: int | None, count: int) -> tuple[str, in
     return dtype, int(rescore), why
 
 
-def _graph_rows(matrix: np.ndarray, dtype: str) -> np.ndarray:
-    """Unit rows as handed to the usearch graph: for i8, each row scaled so its largest component is ±127
-    and rounded (usearch's own cast maps [-1, 1] to [-127, 127], which leaves a 512-dim unit vector's
-    components only a few levels; the scale is free because cosine ignores length); float32 otherwise."""
+def _graph_rows(matrix: np.ndarray, dtype: str, scale: float | None = None) -> np.ndarray:
+    """Unit rows as handed to the usearch graph: float32 unless ``dtype`` is i8. i8 rows are the rows times
+    ``scale``, rounded and clipped to ±127 (a graph compared by inner product, whose stored rows share one
+    scale), or with ``scale`` None each row scaled so its largest component is ±127 (queries, whose scale does
+    not change their order, and rows of a cosine graph). usearch's own cast maps [-1, 1] to [-127, 127], which
+    leaves a 512-dim unit vector's components only a few levels."""
     if dtype != "i8":
         return matrix
     import numkong
 
-    peak = np.abs(matrix).max(axis=1, keepdims=True)
-    if len(matrix) == 1:  # one query, in fewer numpy calls
-        scaled = matrix * (np.float32(127.0) / peak) if peak[0, 0] > 0 else matrix
+    if scale is not None:
+        scaled = np.clip(matrix * np.float32(scale), -127.0, 127.0)
     else:
-        scaled = np.divide(matrix * np.float32(127.0), peak, out=np.zeros_like(matrix), where=peak > 0)
+        peak = np.abs(matrix).max(axis=1, keepdims=True)
+        if len(matrix) == 1:  # one query, in fewer numpy calls
+            scaled = matrix * (np.float32(127.0) / peak) if peak[0, 0] > 0 else matrix
+        else:
+            scaled = np.divide(matrix * np.float32(127.0), peak, out=np.zeros_like(matrix), where=peak > 0)
     return np.asarray(numkong.astype(scaled, "int8"))  # rounds half to even, like np.rint
+
+
+def _i8_scale(unit: np.ndarray) -> float:
+    """The common scale of an inner-product i8 graph built from ``unit`` rows: 127 over their largest component
+    (127 when there are none), so no built row is clipped."""
+    peak = float(np.abs(unit).max()) if unit.size else 0.0
+    return 127.0 / peak if peak > 0 else 127.0
 
 
 class RetrievalIndex:
@@ -312,6 +338,18 @@ class RetrievalIndex:
     @property
     def metric(self) -> str:
         return str(self._info["metric"])
+
+    @property
+    def graph_metric(self) -> str:
+        """How the graph compares its rows: "ip" (inner product of unit rows) or "cos" (format version 1)."""
+        return str(self._info.get("graph_metric") or "cos")
+
+    @property
+    def _graph_scale(self) -> float | None:
+        """The common scale of an inner-product i8 graph's rows (None: per-row scales, or not i8)."""
+        if self.dtype != "i8" or self.graph_metric != "ip":
+            return None
+        return float(self._info["graph_scale"]) if self._info.get("graph_scale") is not None else None
 
     @property
     def expansion_search(self) -> int:
@@ -408,9 +446,21 @@ class RetrievalIndex:
             keys, distances, counts, *_ = self._index._compiled.search_many(
                 _graph_rows(queries, self.dtype), count=wanted, exact=exact, threads=1 if batch == 1 else 0
             )
-            rescored = self._vectors is not None
-            scores = self._rescore_scores(queries, keys) if rescored else np.float32(1.0) - distances  # cosine
+            if self._vectors is not None:
+                scores = self._rescore_scores(queries, keys)
+            else:
+                scores = self._graph_scores(queries, distances)
         return _best_first(keys, scores, np.asarray(counts, np.int64), k)
+
+    def _graph_scores(self, queries: np.ndarray, distances: np.ndarray) -> np.ndarray:
+        """The cosine scores [B, C] of the graph's ``distances`` to the unit ``queries``: 1 - distance (cosine or
+        inner product of unit rows), divided by the query's and the rows' scales for an inner-product i8 graph."""
+        similarity = np.float32(1.0) - distances
+        scale = self._graph_scale
+        if scale is None:
+            return similarity
+        peak = np.abs(queries).max(axis=1, keepdims=True)  # the query's scale is 127 / peak (_graph_rows)
+        return similarity * (peak / np.float32(127.0 * scale))
 
     def _rescore_scores(self, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """The cosine of each query [B, D] with the float16 vectors of its candidates ``keys`` [B, C] (entries
@@ -522,8 +572,10 @@ class RetrievalIndex:
         start = int(self._info.get("next_key", 0))
         keys = np.arange(start, start + len(matrix), dtype=np.uint64)
         unit = _unit_rows(matrix)
+        if self.dtype == "i8" and self.graph_metric == "ip" and self._info.get("graph_scale") is None:
+            self._info["graph_scale"] = _i8_scale(unit)  # the first rows set the scale of every later one
         self._mutable()
-        self._index.add(keys, _graph_rows(unit, self.dtype))  # threads=0: on every core
+        self._index.add(keys, _graph_rows(unit, self.dtype, self._graph_scale))  # threads=0: on every core
         if self._vectors is not None:  # new keys are above all stored ones, so rows stay in key order
             self._vectors = np.concatenate([self._vectors, unit.astype(np.float16)])
             self._row_keys = np.concatenate([self._row_keys, keys])
@@ -692,7 +744,7 @@ def check_replaceable(target: Path, *, overwrite: bool) -> None:
 def _new_usearch(dim: int, dtype: str, connectivity: int | None, expansion_add: int | None) -> Any:
     from usearch.index import Index
 
-    return Index(ndim=dim, metric="cos", dtype=dtype, connectivity=connectivity, expansion_add=expansion_add)
+    return Index(ndim=dim, metric="ip", dtype=dtype, connectivity=connectivity, expansion_add=expansion_add)
 
 
 def build_index(
@@ -718,8 +770,8 @@ def build_index(
     ``rescore`` the candidates re-scored exactly per query (None: the dtype's default; see
     :func:`choose_storage`, whose reason is kept in index.json as ``storage``); ``metric`` must be ``cos``.
     ``connectivity`` (HNSW M), ``expansion_add`` (efConstruction) and ``expansion_search`` (ef) default to
-    usearch's (16, 128, 64), except M :data:`RESCORED_CONNECTIVITY` and efConstruction
-    :data:`RESCORED_EXPANSION_ADD` with re-scoring (an index keeps its own in index.json). An
+    usearch's (16, 128, 64), except :data:`RESCORED_CONNECTIVITY`, :data:`RESCORED_EXPANSION_ADD` and
+    :data:`RESCORED_EXPANSION_SEARCH` with re-scoring (an index keeps its own in index.json). An
     existing index at ``output`` is replaced only with ``overwrite``.
     """
     if metric not in METRICS:
@@ -736,6 +788,8 @@ def build_index(
         expansion_add = RESCORED_EXPANSION_ADD
     if connectivity is None and rescore:
         connectivity = RESCORED_CONNECTIVITY
+    if expansion_search is None and rescore:
+        expansion_search = RESCORED_EXPANSION_SEARCH
     if output is not None:
         check_replaceable(Path(output).absolute(), overwrite=overwrite)  # fail before the (long) build
     usearch_index = _new_usearch(matrix.shape[1], dtype, connectivity, expansion_add)
@@ -749,6 +803,7 @@ def build_index(
         "rescore": rescore,
         "storage": storage,
         "metric": metric,
+        "graph_metric": "ip",
         "count": 0,
         "next_key": 0,
         "connectivity": int(usearch_index.connectivity),
@@ -792,11 +847,10 @@ def _read_info(folder: Path) -> dict[str, Any]:
         raise ShituError(f"unreadable index description: {exc}", path=file) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ShituError(f"not a shitu index description (format is not {FORMAT!r})", path=file)
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ShituError(
-            f"index format version {doc.get('format_version')!r} is not supported (this shitu reads {FORMAT_VERSION})",
-            path=file,
-        )
+    version = doc.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_FORMAT_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
+        raise ShituError(f"index format version {version!r} is not supported (this shitu reads {readable})", path=file)
     expected = {
         "dim": int,
         "dtype": str,
@@ -814,6 +868,18 @@ def _read_info(folder: Path) -> dict[str, Any]:
             f"invalid dim/dtype/metric/count ({doc['dim']}, {doc['dtype']!r}, {doc['metric']!r}, {doc['count']})",
             path=file,
         )
+    if version == 1:
+        doc.pop("graph_metric", None)
+        doc.pop("graph_scale", None)
+    elif doc.get("graph_metric") not in GRAPH_METRICS:
+        raise ShituError(f"field 'graph_metric' must be one of {', '.join(GRAPH_METRICS)}", path=file)
+    scale = doc.get("graph_scale")
+    if scale is not None and (
+        not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf")
+    ):
+        raise ShituError(f"field 'graph_scale' must be a positive number, got {scale!r}", path=file)
+    if doc["dtype"] == "i8" and doc.get("graph_metric") == "ip" and doc["count"] and scale is None:
+        raise ShituError("an i8 graph compared by inner product needs its 'graph_scale'", path=file)
     if not 0 <= doc["next_key"] <= _INT64_MAX + 1:
         raise ShituError(f"next_key {doc['next_key']} is outside 0..2**63", path=file)
     rescore = doc.get("rescore", 0)  # optional (older indexes have none: no re-scoring)
@@ -950,9 +1016,10 @@ def open_index(path: str | os.PathLike[str], *, recognizer_info: Mapping[str, An
         raise ShituError("not a usearch index", path=folder / INDEX_FILE)
     stored_dtype = str(usearch_index.dtype).rsplit(".", 1)[-1].lower()
     stored_metric = str(usearch_index.metric).rsplit(".", 1)[-1].lower()
-    if usearch_index.ndim != info["dim"] or stored_dtype != info["dtype"] or stored_metric != info["metric"]:
+    graph_metric = info.get("graph_metric") or "cos"
+    if usearch_index.ndim != info["dim"] or stored_dtype != info["dtype"] or stored_metric != graph_metric:
         raise ShituError(
-            f"says dim {info['dim']}, dtype {info['dtype']}, metric {info['metric']}, but {INDEX_FILE} holds "
+            f"says dim {info['dim']}, dtype {info['dtype']}, metric {graph_metric}, but {INDEX_FILE} holds "
             f"dim {usearch_index.ndim}, dtype {stored_dtype}, metric {stored_metric}",
             path=info_file,
         )

@@ -98,6 +98,8 @@ INFO_KEYS = [
     "dim",
     "dtype",
     "metric",
+    "graph_metric",
+    "graph_scale",
     "count",
     "next_key",
     "files",
