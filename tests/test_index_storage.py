@@ -211,7 +211,10 @@ def test_graph_metric_and_scale_in_index_json_are_checked(tmp_path):
     original = (out / core.INFO_FILE).read_text()
     for change, message in [
         ({"graph_metric": "l2"}, "'graph_metric' must be one of cos, ip"),
-        ({"graph_scale": -1.0}, "'graph_scale' must be a positive number"),
+        ({"graph_scale": -1.0}, "'graph_scale' must be a number from 127 to 127 × sqrt.dim. = 718.421"),
+        ({"graph_scale": 1.0}, "'graph_scale' must be a number from 127"),
+        ({"graph_scale": 1300}, "'graph_scale' must be a number from 127"),
+        ({"graph_scale": "500"}, "'graph_scale' must be a number from 127"),
         ({"graph_scale": None}, "needs its 'graph_scale'"),
         ({"graph_metric": "cos"}, "metric cos, but index.usearch holds .* metric ip"),
         ({"format_version": 3}, "format version 3 is not supported .this shitu reads 1 and 2"),

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -874,10 +875,15 @@ def _read_info(folder: Path) -> dict[str, Any]:
     elif doc.get("graph_metric") not in GRAPH_METRICS:
         raise ShituError(f"field 'graph_metric' must be one of {', '.join(GRAPH_METRICS)}", path=file)
     scale = doc.get("graph_scale")
+    # 127 over the largest component of unit rows, which lies between 1/sqrt(dim) and 1 (no bound for a dim too
+    # large for a float: such an index fails later, where the usearch file's dim is compared).
+    high = 127.0 * math.sqrt(doc["dim"]) * (1 + 1e-6) if doc["dim"] < 2**53 else float("inf")
     if scale is not None and (
-        not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf")
+        not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 127.0 * (1 - 1e-6) <= scale <= high
     ):
-        raise ShituError(f"field 'graph_scale' must be a positive number, got {scale!r}", path=file)
+        raise ShituError(
+            f"field 'graph_scale' must be a number from 127 to 127 × sqrt(dim) = {high:.6g}, got {scale!r}", path=file
+        )
     if doc["dtype"] == "i8" and doc.get("graph_metric") == "ip" and doc["count"] and scale is None:
         raise ShituError("an i8 graph compared by inner product needs its 'graph_scale'", path=file)
     if not 0 <= doc["next_key"] <= _INT64_MAX + 1:
