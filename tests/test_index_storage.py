@@ -140,8 +140,6 @@ def test_auto_rule_by_gallery_size_is_recorded(tmp_path, monkeypatch):
 def _write_version1_index(out, x: np.ndarray, dtype: str) -> None:
     """An index folder as format version 1 wrote it: a cosine graph (i8 rows each scaled to a ±127 peak), no
     rescore/storage/graph_metric fields."""
-    import hashlib
-
     from usearch.index import Index
 
     out.mkdir()
@@ -151,10 +149,7 @@ def _write_version1_index(out, x: np.ndarray, dtype: str) -> None:
     graph.save(str(out / core.INDEX_FILE))
     lines = (json.dumps({"key": i, "label": 0, "path": "p"}) + "\n" for i in range(len(x)))
     (out / core.ITEMS_FILE).write_text("".join(lines))
-    files = {
-        name: {"sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()}
-        for name in (core.INDEX_FILE, core.ITEMS_FILE)
-    }
+    files = {name: {"sha256": core._sha256(out / name)} for name in (core.INDEX_FILE, core.ITEMS_FILE)}
     doc = {"format": core.FORMAT, "format_version": 1, "dim": x.shape[1], "dtype": dtype, "metric": "cos",
            "count": len(x), "next_key": len(x), "files": files, "recognizer": {}}  # fmt: skip
     (out / core.INFO_FILE).write_text(json.dumps(doc))

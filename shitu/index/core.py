@@ -85,6 +85,8 @@ RESCORED_EXPANSION_SEARCH = 96
 METRICS = ("cos",)
 #: How the usearch graph compares its rows: new indexes use "ip" (see the module docstring), version 1 ones "cos".
 GRAPH_METRICS = ("cos", "ip")
+#: The graph metric of the indexes this version builds (usearch's metric and index.json's ``graph_metric``).
+NEW_GRAPH_METRIC = "ip"
 
 
 def _data_files(rescore: int) -> tuple[str, ...]:
@@ -346,11 +348,16 @@ class RetrievalIndex:
         return str(self._info.get("graph_metric") or "cos")
 
     @property
+    def _shares_i8_scale(self) -> bool:
+        """Whether the graph's rows are i8 with one common scale (an inner-product i8 graph)."""
+        return self.dtype == "i8" and self.graph_metric == "ip"
+
+    @property
     def _graph_scale(self) -> float | None:
-        """The common scale of an inner-product i8 graph's rows (None: per-row scales, or not i8)."""
-        if self.dtype != "i8" or self.graph_metric != "ip":
+        """The common scale of an inner-product i8 graph's rows (None: per-row scales, not i8, or not set yet)."""
+        if not self._shares_i8_scale or self._info.get("graph_scale") is None:
             return None
-        return float(self._info["graph_scale"]) if self._info.get("graph_scale") is not None else None
+        return float(self._info["graph_scale"])
 
     @property
     def expansion_search(self) -> int:
@@ -573,7 +580,7 @@ class RetrievalIndex:
         start = int(self._info.get("next_key", 0))
         keys = np.arange(start, start + len(matrix), dtype=np.uint64)
         unit = _unit_rows(matrix)
-        if self.dtype == "i8" and self.graph_metric == "ip" and self._info.get("graph_scale") is None:
+        if self._shares_i8_scale and self._info.get("graph_scale") is None:
             self._info["graph_scale"] = _i8_scale(unit)  # the first rows set the scale of every later one
         self._mutable()
         self._index.add(keys, _graph_rows(unit, self.dtype, self._graph_scale))  # threads=0: on every core
@@ -745,7 +752,7 @@ def check_replaceable(target: Path, *, overwrite: bool) -> None:
 def _new_usearch(dim: int, dtype: str, connectivity: int | None, expansion_add: int | None) -> Any:
     from usearch.index import Index
 
-    return Index(ndim=dim, metric="ip", dtype=dtype, connectivity=connectivity, expansion_add=expansion_add)
+    return Index(ndim=dim, metric=NEW_GRAPH_METRIC, dtype=dtype, connectivity=connectivity, expansion_add=expansion_add)
 
 
 def build_index(
@@ -804,7 +811,7 @@ def build_index(
         "rescore": rescore,
         "storage": storage,
         "metric": metric,
-        "graph_metric": "ip",
+        "graph_metric": NEW_GRAPH_METRIC,
         "count": 0,
         "next_key": 0,
         "connectivity": int(usearch_index.connectivity),
