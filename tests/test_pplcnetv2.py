@@ -12,12 +12,16 @@ from flax import nnx
 
 from shitu import ShituError
 from shitu.models.layers import (
+    PATCH_MATMUL_MAX_CHANNELS,
     Conv2d,
     ConvBN,
     DownscaleInInferDropout,
     bn_fold_factors,
+    conv2d,
     depthwise_conv2d,
     depthwise_conv2d_grouped,
+    global_avg_pool,
+    use_export_ops,
 )
 from shitu.models.pplcnetv2 import (
     RepDepthwiseSeparable,
@@ -188,6 +192,55 @@ def test_depthwise_slices_equal_grouped_conv(shape, k, stride):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "k", "stride", "pad", "cout"),
+    [((2, 9, 8, 3), 3, 2, 1, 5), ((3, 7, 7, 1), 5, 1, 2, 4), ((2, 8, 6, 4), 3, 1, 0, 6), ((1, 10, 10, 2), 2, 2, 0, 3)],
+)
+def test_few_channel_convolution_as_patch_matmul_equals_xla_convolution(shape, k, stride, pad, cout):
+    """The JAX form runs convolutions of few input channels (the RGB stem) as one matmul over gathered
+    patches; its values and gradients equal XLA's convolution, which the export form keeps."""
+    assert shape[-1] <= PATCH_MATMUL_MAX_CHANNELS
+    x = _normal(0, shape)
+    w = _normal(1, (k, k, shape[-1], cout))
+
+    @jax.jit
+    def outputs_and_grads(x, w):
+        results = []
+        for as_matmul in (True, False):
+            y, vjp = jax.vjp(lambda x, w, m=as_matmul: conv2d(x, w, stride, pad, as_matmul=m), x, w)
+            results.append((y, *vjp(jnp.sin(y))))
+        return results
+
+    (y, gx, gw), (ref, rx, rw) = outputs_and_grads(x, w)
+    assert (
+        y.shape
+        == ref.shape
+        == (shape[0], (shape[1] + 2 * pad - k) // stride + 1, (shape[2] + 2 * pad - k) // stride + 1, cout)
+    )
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5)
+    # The export form's graph keeps the convolution; the JAX form has none.
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x: conv2d(x, w, stride, pad))(x))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x: conv2d(x, w, stride, pad, as_matmul=False))(x))
+
+
+def test_global_average_pool_as_matmul_equals_the_mean_and_export_form_keeps_the_mean(trained_like, images):
+    x = _normal(2, (3, 5, 7, 6))
+    pooled = global_avg_pool(x)
+    assert pooled.shape == (3, 1, 1, 6)
+    np.testing.assert_allclose(pooled, np.asarray(x, np.float64).mean(axis=(1, 2), keepdims=True), rtol=1e-6, atol=1e-7)
+    assert "dot_general" in str(jax.make_jaxpr(global_avg_pool)(x))
+    assert "dot_general" not in str(jax.make_jaxpr(lambda x: global_avg_pool(x, as_matmul=False))(x))
+    # The model's pool switches with the export form, and both forms give the same features.
+    model = nnx.clone(trained_like)
+    model.eval()
+    assert model.backbone.pool.as_matmul
+    exported = use_export_ops(nnx.clone(model))
+    assert not exported.backbone.pool.as_matmul
+    np.testing.assert_allclose(exported(images), model(images), rtol=1e-5, atol=1e-5)
 
 
 def _numpy_conv_nchw(x, w_oihw, stride, pad, groups=1):

@@ -88,14 +88,18 @@ def conv2d(
     stride: int = 1,
     padding: int = 0,
     *,
-    pointwise_as_matmul: bool = True,
+    as_matmul: bool = True,
     operand_dtype: jnp.dtype | None = None,
 ) -> jax.Array:
     """Dense NHWC convolution with an HWIO kernel and symmetric explicit padding.
 
-    A 1×1 stride-1 convolution is a matmul over the channel axis (same result, and XLA:CPU runs a plain
-    dot faster than a 1×1 convolution) unless ``pointwise_as_matmul`` is False (the export form: ONNX
-    runtimes fuse a ``Conv`` with its bias and activation and keep one layout, but not a ``MatMul``).
+    Unless ``as_matmul`` is False (the export form: ONNX runtimes fuse a ``Conv`` with its bias and
+    activation and keep one layout, but not a ``MatMul``), two kinds of convolution run as one matmul,
+    which XLA:CPU runs faster than its convolution (same sums, float32 rounding apart):
+
+    - a 1×1 stride-1 convolution, as a matmul over the channel axis;
+    - a convolution of at most :data:`PATCH_MATMUL_MAX_CHANNELS` input channels (the RGB stem), as a matmul
+      over its k²·cin gathered patches (see :func:`_patch_matmul`).
 
     ``operand_dtype`` (e.g. bfloat16): multiply ``x`` and ``kernel`` rounded to that type, accumulating and
     returning ``x``'s type. XLA:CPU upcasts a bf16 dot with a bf16 result to f32 (so bf16 activations only
@@ -105,8 +109,10 @@ def conv2d(
     if operand_dtype is not None:
         x, kernel = x.astype(operand_dtype), kernel.astype(operand_dtype)
     kh, kw = kernel.shape[:2]
-    if pointwise_as_matmul and kh == kw == 1 and stride == 1 and padding == 0:
+    if as_matmul and kh == kw == 1 and stride == 1 and padding == 0:
         return jnp.matmul(x, kernel[0, 0], preferred_element_type=out_dtype)
+    if as_matmul and kh * kw > 1 and kernel.shape[2] <= PATCH_MATMUL_MAX_CHANNELS:
+        return _patch_matmul(x, kernel, stride, padding, out_dtype)
     return lax.conv_general_dilated(
         x,
         kernel,
@@ -115,6 +121,37 @@ def conv2d(
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         preferred_element_type=out_dtype,
     )
+
+
+#: Dense convolutions with at most this many input channels run as a matmul over gathered patches.
+PATCH_MATMUL_MAX_CHANNELS = 4
+
+
+def _patch_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int, out_dtype: jnp.dtype) -> jax.Array:
+    """The convolution as one matmul: the k² strided windows of the padded input, concatenated on the channel
+    axis in the kernel's (kh, kw, cin) order, times the kernel as a [k²·cin, cout] matrix.
+
+    Written by hand because XLA:CPU's convolution is slow with few input channels: PP-ShiTuV2_rec's stem
+    (3×3, stride 2, 3 → 32 channels, 224 px) took 1.14 ms per image as a convolution and 0.52 ms this way,
+    and its forward and backward at batch 32 124 against 159 ms (AVX-512 EPYC, 2 cores). The patches are
+    k²·cin wide, so this is only for few input channels."""
+    kh, kw, channels, out_channels = kernel.shape
+    batch, height, width, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    out_h = (height + 2 * padding - kh) // stride + 1
+    out_w = (width + 2 * padding - kw) // stride + 1
+    windows = [
+        lax.slice(
+            xp,
+            (0, i, j, 0),
+            (batch, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, channels),
+            (1, stride, stride, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = jnp.concatenate(windows, axis=-1)
+    return jnp.matmul(patches, kernel.reshape(kh * kw * channels, out_channels), preferred_element_type=out_dtype)
 
 
 def _shift_sum(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -287,8 +324,8 @@ class Conv2d(nnx.Module):
         shape = (kernel_size, kernel_size, in_channels, out_channels)
         self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
         self.bias = nnx.data(nnx.Param(jnp.asarray(np.zeros(out_channels, np.float32))) if use_bias else None)
-        # Export form (see :func:`use_export_ops`): 1×1 convolutions stay convolutions.
-        self.pointwise_as_matmul = True
+        # Export form (see :func:`use_export_ops`): no convolution becomes a matmul (see :func:`conv2d`).
+        self.as_matmul = True
         # bf16 products with f32 accumulation (see :func:`use_bf16_products`); None: in the input's type.
         self.operand_dtype: str | None = None
 
@@ -298,7 +335,7 @@ class Conv2d(nnx.Module):
             self.kernel[...],
             self.stride,
             self.padding,
-            pointwise_as_matmul=self.pointwise_as_matmul,
+            as_matmul=self.as_matmul,
             operand_dtype=jnp.dtype(self.operand_dtype) if self.operand_dtype else None,
         )
         if self.bias is not None:
@@ -340,20 +377,48 @@ class DepthwiseConv2d(nnx.Module):
         return y
 
 
+def global_avg_pool(x: jax.Array, *, as_matmul: bool = True) -> jax.Array:
+    """The mean of NHWC ``x`` over height and width, as ``[B, 1, 1, C]`` (Paddle's ``AdaptiveAvgPool2D(1)``).
+
+    By default a matmul of a row of ``1/(H·W)`` with the ``[H·W, C]`` positions of each image: XLA:CPU
+    otherwise fuses the mean into the dot that produces ``x`` and runs the whole more slowly
+    (PP-ShiTuV2_rec at 224 px, medians per image: 10.4 against 11.2 ms at batch 8, 12.2 against 12.5 ms at
+    batch 1; AVX-512 EPYC, 2 cores). ``as_matmul=False`` (the export form) is ``mean``, which ONNX writes as one
+    ``ReduceMean``. The two differ by float32 rounding."""
+    if not as_matmul:
+        return jnp.mean(x, axis=(1, 2), keepdims=True)
+    batch, height, width, channels = x.shape
+    weights = jnp.full((batch, 1, height * width), 1.0 / (height * width), x.dtype)
+    return jnp.matmul(weights, x.reshape(batch, height * width, channels)).reshape(batch, 1, 1, channels)
+
+
+class GlobalAvgPool(nnx.Module):
+    """:func:`global_avg_pool` as a layer (no parameters), switched to its export form by
+    :func:`use_export_ops`."""
+
+    def __init__(self) -> None:
+        self.as_matmul = True
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return global_avg_pool(x, as_matmul=self.as_matmul)
+
+
 def use_export_ops(module: nnx.Module) -> nnx.Module:
-    """Switch every convolution in ``module`` (in place) to the ops ONNX runtimes run fastest, and return it.
+    """Switch every convolution and pool in ``module`` (in place) to the ops ONNX runtimes run fastest, and
+    return it.
 
     Depthwise layers become one grouped convolution (``feature_group_count=C``: a single ``Conv`` with
-    ``group=C`` in ONNX) instead of k² shifted slices, and 1×1 convolutions stay convolutions instead of
-    matmuls, so ONNX Runtime / OpenVINO fuse each ``Conv`` with its bias and activation and keep one
-    layout. Same arithmetic, so the same results to float32 rounding; XLA:CPU runs this form slower (see
-    the module docstring), so it is for export only. Parameters and their tree are unchanged.
+    ``group=C`` in ONNX) instead of k² shifted slices, every dense convolution stays a convolution (no
+    matmul forms, see :func:`conv2d`) and :class:`GlobalAvgPool` a mean, so ONNX Runtime / OpenVINO fuse
+    each ``Conv`` with its bias and activation and keep one layout. Same arithmetic, so the same results to
+    float32 rounding; XLA:CPU runs this form slower (see the module docstring), so it is for export only.
+    Parameters and their tree are unchanged.
     """
     for _, node in nnx.iter_graph(module):
         if isinstance(node, DepthwiseConv2d):
             node.grouped = True
-        elif isinstance(node, Conv2d):
-            node.pointwise_as_matmul = False
+        elif isinstance(node, (Conv2d, GlobalAvgPool)):
+            node.as_matmul = False
     return module
 
 

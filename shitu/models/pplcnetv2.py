@@ -61,6 +61,7 @@ from shitu.models.layers import (
     ConvBN,
     DepthwiseConv2d,
     DownscaleInInferDropout,
+    GlobalAvgPool,
     batch_norm,
     bn_fold_factors,
     kaiming_normal,
@@ -284,6 +285,7 @@ class PPLCNetV2ShiTu(nnx.Module):
         self.last_conv = Conv2d(
             make_divisible(NET_CONFIG[-1][0] * 2 * scale), embedding_size, 1, use_bias=True, rngs=rngs
         )
+        self.pool = GlobalAvgPool()
         self.dropout = nnx.data(DownscaleInInferDropout(dropout_prob, rngs=rngs))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -292,7 +294,7 @@ class PPLCNetV2ShiTu(nnx.Module):
         for stage in self.stages:
             for block in stage:
                 x = block(x)
-        x = jnp.mean(x, axis=(1, 2), keepdims=True)  # AdaptiveAvgPool2D(1)
+        x = self.pool(x)  # AdaptiveAvgPool2D(1)
         x = self.last_conv(x)  # no ReLU in the ShiTu variant
         x = x.reshape(x.shape[0], -1)  # flatten
         if self.dropout is not None:  # None once folded into last_conv
