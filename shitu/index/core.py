@@ -82,6 +82,12 @@ DEFAULT_RESCORE = 20
 RESCORED_CONNECTIVITY = 20
 RESCORED_EXPANSION_ADD = 48
 RESCORED_EXPANSION_SEARCH = 96
+#: Adds of fewer rows than this insert them on one thread (larger ones on every core). usearch's concurrent
+#: inserts into a small graph now and then leave a row's nearest neighbours unlinked (300 clustered 32-d
+#: vectors, 40 queries: the share of queries whose top 5 came out exact fell to 0.78-0.83 in a few of 40-60
+#: builds on two threads, never below 0.975 on one), and one thread builds the same graph from the same rows
+#: every time. Below this size a build is quick either way (2,000 × 512 f32: 0.35 s on one core, 0.18 s on two).
+SERIAL_ADD_BELOW = 2_000
 METRICS = ("cos",)
 #: How the usearch graph compares its rows: new indexes use "ip" (see the module docstring), version 1 ones "cos".
 GRAPH_METRICS = ("cos", "ip")
@@ -583,7 +589,8 @@ class RetrievalIndex:
         if self._shares_i8_scale and self._info.get("graph_scale") is None:
             self._info["graph_scale"] = _i8_scale(unit)  # the first rows set the scale of every later one
         self._mutable()
-        self._index.add(keys, _graph_rows(unit, self.dtype, self._graph_scale))  # threads=0: on every core
+        threads = 1 if len(matrix) < SERIAL_ADD_BELOW else 0  # 0: on every core
+        self._index.add(keys, _graph_rows(unit, self.dtype, self._graph_scale), threads=threads)
         if self._vectors is not None:  # new keys are above all stored ones, so rows stay in key order
             self._vectors = np.concatenate([self._vectors, unit.astype(np.float16)])
             self._row_keys = np.concatenate([self._row_keys, keys])
