@@ -40,3 +40,23 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine_line() -> str:
+    """``CPU: <model>, <n> cores; flags: <the avx*, amx*, fma flags>``: the line a benchmark prints first."""
+    import os
+
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
+    return f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; flags: {' '.join(flags)}"
+
+
+def random_bundle(path: Path, model: str = "PP-ShiTuV2_rec") -> Path:
+    """A shitu bundle of ``model`` with random weights (seed 0) at ``path``, made once and kept (shitu must be
+    importable: not for the Paddle-side scripts)."""
+    if not path.is_dir():
+        from shitu.models.bundle import save_bundle
+        from shitu.plugins import get_host
+
+        spec = get_host().model(model)
+        save_bundle(path, spec=spec, model=spec.build(1, seed=0), num_classes=1)
+    return path

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_flags, cpu_model
+from _machine import machine_line, random_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".work" / "bench_cpu_chunks"
@@ -60,21 +60,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     os.environ.setdefault("SHITU_CACHE_DIR", str(WORK / "cache"))
-    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
-    print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; flags: {' '.join(flags)}", flush=True)
+    print(machine_line(), flush=True)
 
     from shitu.embed.resolve import resolve_model
-    from shitu.models.bundle import save_bundle
     from shitu.models.inference import CPU_CHUNK_PIXELS, Embedder
-    from shitu.plugins import get_host
     from shitu.runtime import configure_jax
 
     configure_jax()
-    bundle = WORK / "bundle"
-    if not bundle.is_dir():
-        spec = get_host().model(MODEL)
-        save_bundle(bundle, spec=spec, model=spec.build(1, seed=0), num_classes=1)
-    recognizer = resolve_model(bundle)
+    recognizer = resolve_model(random_bundle(WORK / "bundle", MODEL))
     chunked = recognizer.embedder
     whole = Embedder(recognizer.model, inference_form=True, cpu_chunk_pixels=None)
     print(f"{MODEL}, fp32, random weights; CPU_CHUNK_PIXELS = {CPU_CHUNK_PIXELS}", flush=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_flags, cpu_model
+from _machine import machine_line, random_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".work" / "bench_fp32_ceiling"
@@ -125,22 +125,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     os.environ.setdefault("SHITU_CACHE_DIR", str(WORK / "cache"))
-    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
     cores = len(os.sched_getaffinity(0))
-    print(f"CPU: {cpu_model()}, {cores} cores; flags: {' '.join(flags)}", flush=True)
+    print(machine_line(), flush=True)
 
     from shitu.embed.resolve import resolve_model
     from shitu.export.backends import OnnxRuntimeForward, exported_onnx
-    from shitu.models.bundle import save_bundle
-    from shitu.plugins import get_host
     from shitu.runtime import configure_jax
 
     configure_jax()
-    bundle = WORK / "bundle"
-    if not bundle.is_dir():
-        spec = get_host().model(MODEL)
-        save_bundle(bundle, spec=spec, model=spec.build(1, seed=0), num_classes=1)
-    recognizer = resolve_model(bundle)
+    recognizer = resolve_model(random_bundle(WORK / "bundle", MODEL))
     graph = exported_onnx(recognizer)
     total, dense = graph_macs(graph)
     share = dense / total

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_flags, cpu_model, peak_rss_mb
+from _machine import machine_line, peak_rss_mb, random_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".work" / "bench_infer"
@@ -228,13 +228,7 @@ def shitu_bundle(parity_model: Path) -> tuple[Path, str]:
 
             import_weights("PP-ShiTuV2_rec", parity_model / "inference", bundle, overwrite=True)
         return bundle, "PaddleClas reference export (random weights), imported"
-    if not bundle.is_dir():
-        from shitu.models.bundle import save_bundle
-        from shitu.plugins import get_host
-
-        spec = get_host().model("PP-ShiTuV2_rec")
-        save_bundle(bundle, spec=spec, model=spec.build(1, seed=0), num_classes=1)
-    return bundle, "random shitu weights (no Paddle reference export)"
+    return random_bundle(bundle), "random shitu weights (no Paddle reference export)"
 
 
 def main() -> None:
@@ -267,8 +261,7 @@ def main() -> None:
         args.reps1, args.reps8, args.reps32 = 5, 2, 1
     os.environ.setdefault("SHITU_CACHE_DIR", str(WORK / "cache"))
     WORK.mkdir(parents=True, exist_ok=True)
-    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
-    print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; flags: {' '.join(flags)}", flush=True)
+    print(machine_line(), flush=True)
     bundle, weights = shitu_bundle(args.parity_model)
     print(f"weights: {weights}", flush=True)
 

@@ -145,7 +145,8 @@ def _write_version1_index(out, x: np.ndarray, dtype: str) -> None:
     out.mkdir()
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     graph = Index(ndim=x.shape[1], metric="cos", dtype=dtype)
-    graph.add(np.arange(len(x)), core._graph_rows(unit.astype(np.float32), dtype))
+    # One thread, as shitu adds small batches: the same graph every run (see core.SERIAL_ADD_BELOW).
+    graph.add(np.arange(len(x)), core._graph_rows(unit.astype(np.float32), dtype), threads=1)
     graph.save(str(out / core.INDEX_FILE))
     lines = (json.dumps({"key": i, "label": 0, "path": "p"}) + "\n" for i in range(len(x)))
     (out / core.ITEMS_FILE).write_text("".join(lines))
