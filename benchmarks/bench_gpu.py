@@ -195,8 +195,10 @@ def onnxruntime_candidates(onnx_file: Path, int8_file: Path | None) -> tuple[lis
 
 
 def openvino_candidates(onnx_file: Path, int8_file: Path | None) -> tuple[list, list[str]]:
+    from shitu.export.backends import import_openvino
+
     try:
-        import openvino as ov
+        ov = import_openvino()
     except ImportError:
         return [], ["openvino: not installed (pip install 'shitu[openvino]')"]
     from shitu.export.backends import cpu_threads

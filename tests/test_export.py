@@ -76,6 +76,36 @@ def test_export_form_of_pp_shituv2_equals_the_model_in_jax(recognizers, images):
     assert recognizer.model.neck is not None  # the recognizer's own model is left as it was
 
 
+def _need_openvino() -> None:
+    """Skip without OpenVINO; import it as shitu does (without its usage telemetry, which would reach out)."""
+    from shitu.export.backends import installed
+
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed")
+
+
+def test_openvino_loads_without_its_usage_telemetry():
+    """Importing openvino itself sends a usage event from a forked process (unsafe in a JAX process, and a
+    network call nobody asked for); shitu's import of it neither forks nor loads openvino_telemetry. In a fresh
+    process with CI unset, where the telemetry would otherwise run."""
+    _need_openvino()
+    code = (
+        "import os, sys, time\n"
+        "forks = []\n"
+        "os.register_at_fork(before=lambda: forks.append(1))\n"
+        "from shitu.export.backends import import_openvino, installed\n"
+        "assert installed('openvino')\n"
+        "import_openvino().Core()\n"
+        "time.sleep(1.0)  # the telemetry sends from a thread of its own\n"
+        "print(len(forks), 'openvino_telemetry' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "False"]
+    assert "os.fork()" not in done.stderr
+
+
 @pytest.mark.parametrize("key", ["pp", "vit"])
 def test_onnx_export_runs_in_onnxruntime_and_openvino_like_jax(key, recognizers, onnx_exports, images):
     from shitu.export.backends import OnnxRuntimeForward, OpenVinoForward
@@ -85,7 +115,7 @@ def test_onnx_export_runs_in_onnxruntime_and_openvino_like_jax(key, recognizers,
     got = OnnxRuntimeForward(result.model_file)(images)
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= TOL
-    pytest.importorskip("openvino")
+    _need_openvino()
     assert np.abs(OpenVinoForward(result.model_file)(images) - expected).max() <= TOL
     # the batch is symbolic: one image and three go through the same graph
     assert np.abs(OnnxRuntimeForward(result.model_file)(images[:1]) - expected[:1]).max() <= TOL
@@ -197,7 +227,7 @@ def test_an_upgrade_of_shitu_or_the_converter_exports_again(bundles, monkeypatch
 
 
 def test_openvino_recompiles_a_graph_rewritten_at_the_same_path(tmp_path):
-    pytest.importorskip("openvino")
+    _need_openvino()
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -327,5 +357,5 @@ def test_full_size_exports_equal_jax_at_224(name, tmp_path):
     expected = recognizer.embed_arrays(images)
     result = export_recognizer(recognizer, tmp_path / "export", format="onnx")
     assert np.abs(OnnxRuntimeForward(result.model_file)(images) - expected).max() <= TOL
-    pytest.importorskip("openvino")
+    _need_openvino()
     assert np.abs(OpenVinoForward(result.model_file)(images) - expected).max() <= TOL

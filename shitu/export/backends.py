@@ -112,13 +112,40 @@ def jax_bf16_available() -> tuple[bool, str]:
     return False, "this CPU has neither AVX-512 BF16 nor AMX, so JAX would emulate bf16 (slower than fp32)"
 
 
+def import_openvino() -> Any:
+    """``import openvino``, without its usage telemetry (ImportError where it is not installed).
+
+    Importing openvino loads its model converter, which sends a usage event through the ``openvino_telemetry``
+    package: a forked process that contacts an analytics server. In a JAX process that fork is unsafe (JAX is
+    multithreaded; Python warns that it may deadlock), and shitu makes no network calls its user did not ask
+    for. OpenVINO falls back to its own no-op stub when ``openvino_telemetry`` cannot be imported, so it is
+    hidden while openvino loads (only in this process; nothing on disk changes)."""
+    import sys
+
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    missing = object()
+    before = sys.modules.get("openvino_telemetry", missing)
+    if before is missing:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # makes its import an ImportError
+    try:
+        import openvino
+
+        return openvino
+    finally:
+        if before is missing:
+            sys.modules.pop("openvino_telemetry", None)
+
+
 def installed(backend: str) -> bool:
     """Whether ``backend``'s runtime can be imported (jax always can)."""
     if backend == "jax":
         return True
-    module = {"onnxruntime": "onnxruntime", "openvino": "openvino"}[backend]
     try:
-        __import__(module)
+        if backend == "openvino":
+            import_openvino()
+        else:
+            __import__({"onnxruntime": "onnxruntime"}[backend])
         return True
     except ImportError:
         return False
@@ -131,7 +158,7 @@ def _require(backend: str) -> None:
 
 
 def _openvino_bf16_available() -> tuple[bool, str]:
-    import openvino as ov
+    ov = import_openvino()
 
     capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if "BF16" in capabilities:
@@ -219,7 +246,7 @@ class OpenVinoForward:
     int8 QDQ graph runs its quantized operators in int8 either way)."""
 
     def __init__(self, model_file: Path, *, precision: str = "fp32", threads: int | None = None) -> None:
-        import openvino as ov
+        ov = import_openvino()
 
         from shitu.hub.download import file_sha256
         from shitu.runtime import cache_dir
