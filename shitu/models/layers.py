@@ -136,13 +136,20 @@ def _patch_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int, ou
     convolution and 0.59 ms this way, its forward and backward at batch 32 159 against 124 ms (AVX-512 EPYC,
     2 cores). The patches are k²·cin wide, so this is only for few input channels."""
     kh, kw, channels, out_channels = kernel.shape
-    batch, height, width, _ = x.shape
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    out_h = (height + 2 * padding - kh) // stride + 1
-    out_w = (width + 2 * padding - kw) // stride + 1
-    windows = [
+    patches = jnp.concatenate(_windows(xp, kh, kw, stride), axis=-1)
+    return jnp.matmul(patches, kernel.reshape(kh * kw * channels, out_channels), preferred_element_type=out_dtype)
+
+
+def _windows(x: jax.Array, kh: int, kw: int, stride: int) -> list[jax.Array]:
+    """The kh·kw strided windows of an already padded NHWC ``x`` that a kh×kw convolution at ``stride`` reads,
+    ``x[:, i::s, j::s, :]`` cut to the output's size, in (i, j) row-major order."""
+    batch, height, width, channels = x.shape
+    out_h = (height - kh) // stride + 1
+    out_w = (width - kw) // stride + 1
+    return [
         lax.slice(
-            xp,
+            x,
             (0, i, j, 0),
             (batch, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, channels),
             (1, stride, stride, 1),
@@ -150,27 +157,15 @@ def _patch_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int, ou
         for i in range(kh)
         for j in range(kw)
     ]
-    patches = jnp.concatenate(windows, axis=-1)
-    return jnp.matmul(patches, kernel.reshape(kh * kw * channels, out_channels), preferred_element_type=out_dtype)
 
 
 def _shift_sum(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """``sum_ij x[:, i::s, j::s, :] * kernel[i, j]`` over the valid windows of an already padded ``x``."""
-    kh, kw, channels = kernel.shape
-    batch, height, width, _ = x.shape
-    out_h = (height - kh) // stride + 1
-    out_w = (width - kw) // stride + 1
+    kh, kw, _ = kernel.shape
     out = None
-    for i in range(kh):
-        for j in range(kw):
-            window = lax.slice(
-                x,
-                (0, i, j, 0),
-                (batch, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, channels),
-                (1, stride, stride, 1),
-            )
-            term = window * kernel[i, j]
-            out = term if out is None else out + term
+    for index, window in enumerate(_windows(x, kh, kw, stride)):
+        term = window * kernel[index // kw, index % kw]
+        out = term if out is None else out + term
     assert out is not None
     return out
 
