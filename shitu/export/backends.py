@@ -141,11 +141,9 @@ def installed(backend: str) -> bool:
     """Whether ``backend``'s runtime can be imported (jax always can)."""
     if backend == "jax":
         return True
+    load = {"onnxruntime": lambda: __import__("onnxruntime"), "openvino": import_openvino}[backend]
     try:
-        if backend == "openvino":
-            import_openvino()
-        else:
-            __import__({"onnxruntime": "onnxruntime"}[backend])
+        load()
         return True
     except ImportError:
         return False
